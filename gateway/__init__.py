@@ -1,0 +1,3 @@
+"""Steerway: a realtime gateway between people and AI agents."""
+
+__version__ = "0.1.0"

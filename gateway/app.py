@@ -1,0 +1,95 @@
+"""The ASGI application: routes, lifespan, and the objects every edge shares."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+
+from gateway.bus import Bus, MemoryBus
+from gateway.config import Settings
+from gateway.conversation import ConversationHub
+from gateway.metrics import Metrics
+from gateway.protocol.codes import ErrorCode
+from gateway.rest import Api, error
+from gateway.runners.registry import RunnerRegistry, default_registry
+from gateway.ws import ConversationSocket
+from store.base import Store
+from store.memory import MemoryStore
+
+log = logging.getLogger("steerway")
+
+
+def open_store(settings: Settings) -> Store:
+    if settings.store == "memory":
+        return MemoryStore()
+    raise ValueError(f"store {settings.store!r}: only `memory` is available in this version")
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    store: Store | None = None,
+    runners: RunnerRegistry | None = None,
+    bus: Bus | None = None,
+) -> Starlette:
+    settings = settings or Settings.load()
+    store = store or open_store(settings)
+    runners = runners or default_registry(settings.echo_delay_ms, settings.runners)
+    if runners.get(settings.runner) is None:
+        raise ValueError(f"default runner {settings.runner!r} is not one of {runners.names()}")
+    metrics = Metrics()
+    hub = ConversationHub(settings, store, bus or MemoryBus(), runners, metrics)
+    api = Api(hub)
+
+    async def healthz(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    async def readyz(request: Request) -> Response:
+        try:
+            await store.ping()
+        except Exception:
+            return error(ErrorCode.INTERNAL, "the store does not answer")
+        if not hub.committer.healthy:
+            return error(ErrorCode.INTERNAL, "store writes are failing")
+        return PlainTextResponse("ready")
+
+    async def metrics_endpoint(request: Request) -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    async def not_found(request: Request) -> Response:
+        return error(ErrorCode.NOT_FOUND, f"no such path: {request.url.path}")
+
+    routes: list[BaseRoute] = [
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Route("/metrics", metrics_endpoint),
+        *api.routes(),
+        Route("/api/{rest:path}", not_found, methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),
+        WebSocketRoute("/ws/conversations/{conversation_id}", ConversationSocket(hub)),
+    ]
+    if settings.web_dir.is_dir():
+        routes.append(Mount("/", StaticFiles(directory=settings.web_dir, html=True), name="web"))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        hub.start()
+        log.warning(
+            "no secret is configured: every endpoint is open (authentication arrives later)"
+        )
+        try:
+            yield
+        finally:
+            await hub.stop()
+            await store.close()
+
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.hub = hub
+    app.state.settings = settings
+    return app

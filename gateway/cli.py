@@ -1,0 +1,71 @@
+"""The `steerway` command: `steerway serve [flags]`; every flag is also a STEERWAY_* variable."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+import uvicorn
+
+from gateway.app import create_app
+from gateway.config import Settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="steerway", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve the chat UI, dashboard, WebSocket and REST API")
+    serve.add_argument("--host", help="address to bind (STEERWAY_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (STEERWAY_PORT, default 8000)")
+    serve.add_argument("--store", help="`memory` or a MongoDB URI (STEERWAY_STORE)")
+    serve.add_argument("--runner", help="default runner of new conversations (STEERWAY_RUNNER)")
+    serve.add_argument(
+        "--runners", nargs="*", help="extra runners as module:attr (STEERWAY_RUNNERS)"
+    )
+    serve.add_argument("--echo-delay-ms", type=float, help="echo runner delay per word")
+    serve.add_argument(
+        "--ws-compression",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="permessage-deflate on client WebSockets (STEERWAY_WS_COMPRESSION)",
+    )
+    serve.add_argument("--log-level", help="debug, info, warning (STEERWAY_LOG_LEVEL)")
+    return parser
+
+
+def serve(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
+    )
+    app = create_app(settings)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        ws="websockets-sansio",
+        ws_max_size=settings.max_frame_bytes,
+        ws_per_message_deflate=settings.ws_compression,
+        log_level=settings.log_level,
+        access_log=False,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if k != "command" and v is not None}
+    try:
+        settings = Settings.load(overrides)
+    except ValueError as exc:
+        print(f"steerway: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "serve":
+        serve(settings)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Settings: defaults, overridden by `STEERWAY_*` environment variables, overridden by flags."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ENV_PREFIX = "STEERWAY_"
+_REPO_WEB = Path(__file__).resolve().parent.parent / "web"
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    store: str = Field("memory", description="`memory`, or a mongodb:// URI")
+    runner: str = Field("echo", description="the default runner of new conversations")
+    runners: list[str] = Field(default_factory=list, description="extra runners, module:attr")
+    echo_delay_ms: float = Field(50.0, ge=0)
+    ws_compression: bool = Field(False, description="permessage-deflate on client sockets")
+    max_frame_bytes: int = Field(64 * 1024, ge=1024)
+    outbox_frames: int = Field(256, ge=8)
+    outbox_bytes: int = Field(1024 * 1024, ge=64 * 1024)
+    rate_per_s: float = Field(20.0, gt=0, description="client frames per second, sustained")
+    rate_burst: int = Field(60, ge=1, description="client frames in a burst")
+    rate_abuse: int = Field(50, ge=1, description="rate_limited answers in a row before 4029")
+    run_deadline_s: float = Field(300.0, gt=0)
+    run_idle_s: float = Field(60.0, gt=0)
+    actor_idle_s: float = Field(30.0, gt=0, description="an idle conversation's actor stops")
+    web_dir: Path = _REPO_WEB
+    log_level: str = "info"
+
+    @classmethod
+    def load(
+        cls, overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+    ) -> Settings:
+        """Defaults < environment < `overrides` (flags given on the command line)."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name, info in cls.model_fields.items():
+            raw = env.get(ENV_PREFIX + name.upper())
+            if raw is None:
+                continue
+            if info.annotation == list[str]:
+                values[name] = [part for part in raw.replace(",", " ").split() if part]
+            elif info.annotation is bool:
+                values[name] = raw.strip().lower() in ("1", "true", "yes", "on")
+            else:
+                values[name] = raw
+        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        return cls.model_validate(values, strict=False)

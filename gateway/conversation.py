@@ -1,0 +1,405 @@
+"""The conversation actor: the single writer of one conversation, and the hub of actors.
+
+Everything that changes a conversation arrives in the actor's bounded mailbox
+(user messages and cancels from the edges, results, pulls and deadlines from
+the run drivers).  The actor takes what is waiting as one batch, feeds it to
+the pure `ConversationMachine`, appends the resulting events through the event
+log (one store write per batch), then answers the senders and starts or stops
+run drivers.  Actors start on demand and stop when their conversation is idle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from gateway.bus import Bus
+from gateway.config import Settings
+from gateway.core.conversation import ConversationMachine, Effects
+from gateway.core.ids import now_ms
+from gateway.core.routing import Refusal
+from gateway.core.runs import RunStatus, UserText
+from gateway.errors import RoutingError, SteerwayError, StoreUnavailable
+from gateway.eventlog import EventLog
+from gateway.metrics import Metrics
+from gateway.orchestrator import (
+    DriverInput,
+    RunDriver,
+    RunFinished,
+    RunOutput,
+    RunTimeout,
+    SteeringPull,
+)
+from gateway.protocol.codes import ErrorCode
+from gateway.protocol.frames import Ack, MessageFrame, RunError, RunSummary, UserMessage
+from gateway.runners.base import TranscriptMessage
+from gateway.runners.registry import RunnerRegistry
+from store.base import ConversationRecord, Store, StoreError
+from store.commit import GroupCommitter
+
+log = logging.getLogger("steerway.conversation")
+
+MAILBOX_SIZE = 1024
+BATCH_INPUTS = 256
+REMEMBERED_KEYS = 4096  # acks and ended runs kept in memory; older ones come from the store
+
+
+@dataclass(slots=True)
+class Submit:
+    frame: MessageFrame
+    author: str
+    reply: Callable[[Ack | SteerwayError], None]
+
+
+@dataclass(slots=True)
+class Cancel:
+    run_id: str | None
+    reply: Callable[[SteerwayError | None], None]
+
+
+Input = Submit | Cancel | DriverInput
+
+
+def _ack(event: UserMessage, duplicate: bool = False) -> Ack:
+    return Ack(
+        client_msg_id=event.client_msg_id,
+        offset=event.offset,
+        message_id=event.message_id,
+        route=event.route,
+        run_id=event.run_id or "",
+        duplicate=duplicate,
+    )
+
+
+class _Lru(OrderedDict[str, Any]):
+    def remember(self, key: str, value: Any) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        if len(self) > REMEMBERED_KEYS:
+            self.popitem(last=False)
+
+
+class ConversationActor:
+    def __init__(self, hub: ConversationHub, record: ConversationRecord) -> None:
+        self.hub = hub
+        self.conversation_id = record.conversation_id
+        self.record = record
+        self.machine = ConversationMachine(
+            record.conversation_id, hub.runners.spec, hub.settings.runner, record.runner
+        )
+        self.log = EventLog(record.conversation_id, record.head, hub.committer, hub.bus)
+        self.mailbox: asyncio.Queue[Input] = asyncio.Queue(MAILBOX_SIZE)
+        self.drivers: dict[str, RunDriver] = {}
+        self._acks: _Lru = _Lru()
+        self._ended: _Lru = _Lru()
+        self.stopped = False
+        self.task: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ edges
+
+    async def post(self, item: Input) -> None:
+        await self.mailbox.put(item)
+
+    def summary(self) -> RunSummary | None:
+        run = self.machine.active
+        if run is None:
+            return None
+        return RunSummary(run_id=run.run_id, status=run.status.value, runner=run.runner)
+
+    # ------------------------------------------------------------------ loop
+
+    def _idle(self) -> bool:
+        return (
+            self.machine.idle
+            and not self.drivers
+            and self.mailbox.empty()
+            and self.hub.bus.count(self.conversation_id) == 0
+        )
+
+    async def run(self) -> None:
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(self.hub.settings.actor_idle_s):
+                        first = await self.mailbox.get()
+                except TimeoutError:
+                    if self._idle():
+                        return
+                    continue
+                batch = [first]
+                while len(batch) < BATCH_INPUTS and not self.mailbox.empty():
+                    batch.append(self.mailbox.get_nowait())
+                await self._step(batch)
+        finally:
+            self.stopped = True
+            self.hub.forget(self)
+            for driver in self.drivers.values():
+                driver.stop()
+
+    async def _step(self, batch: list[Input]) -> None:
+        replies: list[Callable[[], None]] = []
+        born: dict[int, float] = {}
+        pending: dict[str, UserMessage] = {}
+        for item in batch:
+            try:
+                await self._handle(item, replies, born, pending)
+            except Exception as exc:  # a bug or a store failure must not take the actor down
+                log.exception("conversation %s: input %s failed", self.conversation_id, item)
+                _fail(item, exc)
+        fx = self.machine.take_effects()
+        if fx:
+            await self._append(fx, born)
+        for key, event in pending.items():
+            self._acks.remember(key, event)
+        for reply in replies:
+            reply()
+        for run_id in fx.stop:
+            driver = self.drivers.pop(run_id, None)
+            if driver is not None:
+                driver.stop()
+        for run in fx.start:
+            if run.status is RunStatus.RUNNING:
+                self._start_driver(run.run_id)
+
+    async def _append(self, fx: Effects, born: dict[int, float]) -> None:
+        active = self.summary()
+        self.record.last_activity = now_ms()
+        self.record.runner = self.machine.runner
+        self.record.active_run = active.model_dump() if active else None
+        await self.log.append(fx, self.record, born)
+        metrics = self.hub.metrics
+        for event in fx.events:
+            metrics.events.labels(event.type).inc()
+        for run in fx.runs.values():
+            if run.status.terminal:
+                self._ended.remember(run.run_id, True)
+                metrics.runs.labels(run.status.value).inc()
+        for outcome, count in fx.steering.items():
+            metrics.steering.labels(outcome).inc(count)
+        self.hub.conversation_changed(self)
+
+    async def _handle(
+        self,
+        item: Input,
+        replies: list[Callable[[], None]],
+        born: dict[int, float],
+        pending: dict[str, UserMessage],
+    ) -> None:
+        now = now_ms()
+        machine = self.machine
+        if isinstance(item, RunOutput):
+            start = len(machine.fx.events)
+            machine.result(item.run_id, item.result, now)
+            for index in range(start, len(machine.fx.events)):
+                born[index] = item.born
+        elif isinstance(item, Submit):
+            await self._submit(item, replies, pending, now)
+        elif isinstance(item, SteeringPull):
+            taken = machine.pull(item.run_id, item.mode, item.limit, now)
+            replies.append(_resolver(item.reply, taken))
+        elif isinstance(item, Cancel):
+            await self._cancel(item, replies, now)
+        elif isinstance(item, RunTimeout):
+            machine.timeout(item.run_id, item.reason, now)
+        elif isinstance(item, RunFinished):
+            machine.runner_finished(item.run_id, item.error, now)
+
+    async def _submit(
+        self,
+        item: Submit,
+        replies: list[Callable[[], None]],
+        pending: dict[str, UserMessage],
+        now: int,
+    ) -> None:
+        reply = item.reply
+        if not self.hub.committer.healthy:
+            reply(StoreUnavailable("the store is unavailable; nothing was stored"))
+            return
+        key = item.frame.client_msg_id
+        first: UserMessage | None = pending.get(key) or self._acks.get(key)
+        if first is None and self.log.head > 0:
+            payload = await self.hub.store.find_client_message(self.conversation_id, key)
+            if payload is not None:
+                first = UserMessage.model_validate(orjson.loads(payload))
+        if first is not None:
+            ack = first
+            replies.append(lambda: reply(_ack(ack, duplicate=True)))
+            return
+        routed = self.machine.message(item.frame, item.author, now)
+        if isinstance(routed, Refusal):
+            reply(RoutingError(routed.message, code=routed.code, client_msg_id=key))
+            return
+        event = routed[0]
+        pending[key] = event
+        replies.append(lambda: reply(_ack(event)))
+
+    async def _cancel(self, item: Cancel, replies: list[Callable[[], None]], now: int) -> None:
+        reply = item.reply
+        if self.machine.cancel(item.run_id, now):
+            replies.append(lambda: reply(None))
+            return
+        run_id = item.run_id
+        if run_id is None:
+            reply(RoutingError("no run is active", code=ErrorCode.NO_ACTIVE_RUN))
+            return
+        known = run_id in self._ended
+        if not known:
+            doc = await self.hub.store.get_run(run_id)
+            known = doc is not None and doc.get("conversation_id") == self.conversation_id
+        if known:
+            reply(RoutingError(f"run {run_id} already ended", code=ErrorCode.NO_ACTIVE_RUN))
+        else:
+            reply(
+                RoutingError("no run of that id in this conversation", code=ErrorCode.UNKNOWN_RUN)
+            )
+
+    def _start_driver(self, run_id: str) -> None:
+        run = self.machine.active
+        assert run is not None
+        assert run.run_id == run_id
+        runner = self.hub.runners.get(run.runner)
+        if runner is None:  # the runner went away between routing and start
+            self.mailbox.put_nowait(
+                RunFinished(
+                    run_id,
+                    RunError(
+                        code="runner_unavailable",
+                        message=f"no runner named {run.runner!r}",
+                        retryable=True,
+                    ),
+                )
+            )
+            return
+        settings = self.hub.settings
+        driver = RunDriver(
+            run,
+            runner,
+            self.post,
+            self._transcript,
+            deadline_s=settings.run_deadline_s,
+            idle_s=settings.run_idle_s,
+        )
+        self.drivers[run_id] = driver
+        driver.start()
+
+    async def _transcript(self) -> list[TranscriptMessage]:
+        turns = await self.hub.store.transcript(self.conversation_id)
+        return [
+            TranscriptMessage(t.message_id, t.role, t.content, t.run_id, t.ts)  # type: ignore[arg-type]
+            for t in turns
+        ]
+
+
+def _resolver(future: asyncio.Future[list[UserText]], value: list[UserText]) -> Callable[[], None]:
+    def resolve() -> None:
+        if not future.done():  # the driver may have been stopped meanwhile
+            future.set_result(value)
+
+    return resolve
+
+
+def _fail(item: Input, exc: Exception) -> None:
+    error = (
+        StoreUnavailable("the store is unavailable; nothing was stored")
+        if isinstance(exc, StoreError)
+        else SteerwayError("internal error", code=ErrorCode.INTERNAL)
+    )
+    if isinstance(item, Submit | Cancel):
+        item.reply(error)
+    elif isinstance(item, SteeringPull) and not item.reply.done():
+        item.reply.set_result([])
+
+
+class ConversationHub:
+    """All conversation actors of this node, with what they share."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        bus: Bus,
+        runners: RunnerRegistry,
+        metrics: Metrics,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.bus = bus
+        self.runners = runners
+        self.metrics = metrics
+        self.committer = GroupCommitter(store)
+        self.actors: dict[str, ConversationActor] = {}
+        self._loading: dict[str, asyncio.Future[ConversationActor]] = {}
+        self.on_conversation_change: Callable[[ConversationActor], None] | None = None
+
+    def start(self) -> None:
+        self.committer.start()
+
+    async def stop(self) -> None:
+        for actor in list(self.actors.values()):
+            if actor.task is not None:
+                actor.task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await actor.task
+        await self.committer.stop()
+
+    async def get(self, conversation_id: str) -> ConversationActor:
+        """The conversation's actor, started (and its state loaded) on first use."""
+        actor = self.actors.get(conversation_id)
+        if actor is not None and not actor.stopped:
+            return actor
+        loading = self._loading.get(conversation_id)
+        if loading is not None:
+            return await asyncio.shield(loading)
+        future: asyncio.Future[ConversationActor] = asyncio.get_running_loop().create_future()
+        self._loading[conversation_id] = future
+        try:
+            try:
+                record = await self.store.get_conversation(conversation_id)
+            except StoreError as exc:
+                raise StoreUnavailable(f"the store is unavailable: {exc}") from None
+            if record is None:
+                record = ConversationRecord(conversation_id, head=0, last_activity=now_ms())
+            actor = ConversationActor(self, record)
+            self.actors[conversation_id] = actor
+            actor.task = asyncio.create_task(actor.run(), name=f"conversation-{conversation_id}")
+            future.set_result(actor)
+            return actor
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: waiters get it through their own await
+            raise
+        finally:
+            del self._loading[conversation_id]
+
+    def forget(self, actor: ConversationActor) -> None:
+        if self.actors.get(actor.conversation_id) is actor:
+            del self.actors[actor.conversation_id]
+
+    def conversation_changed(self, actor: ConversationActor) -> None:
+        if self.on_conversation_change is not None:
+            self.on_conversation_change(actor)
+
+    async def submit(self, conversation_id: str, frame: MessageFrame, author: str) -> Ack:
+        """Submit a message and wait for its ack (REST)."""
+        actor = await self.get(conversation_id)
+        done: asyncio.Future[Ack | SteerwayError] = asyncio.get_running_loop().create_future()
+        await actor.post(Submit(frame, author, done.set_result))
+        outcome = await done
+        if isinstance(outcome, SteerwayError):
+            raise outcome
+        return outcome
+
+    async def cancel(self, conversation_id: str, run_id: str | None) -> None:
+        actor = await self.get(conversation_id)
+        done: asyncio.Future[SteerwayError | None] = asyncio.get_running_loop().create_future()
+        await actor.post(Cancel(run_id, done.set_result))
+        outcome = await done
+        if outcome is not None:
+            raise outcome

@@ -1,0 +1,36 @@
+"""The one error hierarchy: every refusal the gateway answers a client with."""
+
+from __future__ import annotations
+
+from gateway.protocol.codes import ErrorCode
+
+
+class SteerwayError(Exception):
+    """A refusal with a protocol error code; it never closes a connection by itself."""
+
+    code: ErrorCode = ErrorCode.INTERNAL
+
+    def __init__(
+        self, message: str, *, code: ErrorCode | None = None, client_msg_id: str | None = None
+    ) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+        self.message = message
+        self.client_msg_id = client_msg_id
+
+
+class FrameError(SteerwayError):
+    """A client frame that cannot be parsed or validated (invalid_json, invalid_frame, ...)."""
+
+    code = ErrorCode.INVALID_FRAME
+
+
+class RoutingError(SteerwayError):
+    """A well-formed request the conversation cannot take (queue_full, no_active_run, ...)."""
+
+
+class StoreUnavailable(SteerwayError):
+    """The store did not answer; nothing was stored."""
+
+    code = ErrorCode.INTERNAL

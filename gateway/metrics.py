@@ -1,0 +1,44 @@
+"""Prometheus metrics, on a registry of the app's own (several apps can share a process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.connections = Gauge(
+            "steerway_connections_open", "Open WebSocket connections", ["endpoint"], registry=r
+        )
+        self.events = Counter(
+            "steerway_events_appended", "Events appended to conversations", ["type"], registry=r
+        )
+        self.runs = Counter(
+            "steerway_runs_ended", "Runs ended, by final status", ["status"], registry=r
+        )
+        self.steering = Counter(
+            "steerway_steering_messages",
+            "Steering messages by outcome (queued, absorbed, dropped, follow_up)",
+            ["outcome"],
+            registry=r,
+        )
+        self.delivery = Histogram(
+            "steerway_result_delivery_seconds",
+            "From a runner result reaching the gateway to its event's first send to a client",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+            registry=r,
+        )
+        self.client_errors = Counter(
+            "steerway_client_errors", "Error frames sent to clients, by code", ["code"], registry=r
+        )
+        self.slow_consumers = Counter(
+            "steerway_slow_consumer_closes", "Clients closed with 4008", registry=r
+        )
+        self.store_batches = Counter(
+            "steerway_store_batches", "Group commits written to the store", registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

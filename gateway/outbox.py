@@ -1,0 +1,152 @@
+"""Per-client delivery: a bounded send queue that merges deltas when the client lags.
+
+Events are encoded once, into a `Frame` that every client's outbox shares (the
+text and the ASGI message dict alike).  An outbox holds at most `max_frames`
+frames or `max_bytes` bytes; when a put goes over, consecutive `message.delta`
+frames of one message still queued are merged (PROTOCOL.md section 6), and if
+the client is still over the bound it is marked `overflowed`: its writer closes
+it with 4008 and nothing else waits for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.protocol.frames import MessageDelta, coalesce, encode
+
+
+@dataclass(slots=True, eq=False)
+class Frame:
+    """One encoded frame, shared by every client it goes to."""
+
+    text: str
+    size: int  # bytes of the UTF-8 text
+    offset: int = 0  # 0 for frames that are not events (ready, ack, error, pong)
+    delta: MessageDelta | None = None  # set on message.delta, for merging
+    born: float = 0.0  # perf_counter() of the runner result behind it; 0 when none
+    message: dict[str, Any] = field(init=False)  # the ASGI send message, built once
+
+    def __post_init__(self) -> None:
+        self.message = {"type": "websocket.send", "text": self.text}
+
+    @classmethod
+    def of(cls, data: bytes, offset: int = 0, delta: MessageDelta | None = None) -> Frame:
+        return cls(data.decode(), len(data), offset, delta)
+
+
+class Outbox:
+    """The bounded, coalescing send queue of one client connection."""
+
+    __slots__ = (
+        "_bytes",
+        "_loop",
+        "_q",
+        "_waiter",
+        "closed",
+        "floor",
+        "max_bytes",
+        "max_frames",
+        "merged",
+        "overflowed",
+    )
+
+    def __init__(self, max_frames: int = 256, max_bytes: int = 1024 * 1024, floor: int = 0):
+        self.max_frames = max_frames
+        self.max_bytes = max_bytes
+        self.floor = floor  # highest event offset queued or sent: later ones only
+        self._q: deque[Frame] = deque()
+        self._bytes = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._loop = asyncio.get_running_loop()
+        self.overflowed = False
+        self.closed = False
+        self.merged = 0  # frames saved by merging, for metrics and tests
+
+    def __len__(self) -> int:
+        return len(self._q)
+
+    def deliver(self, frames: list[Frame]) -> None:
+        """Bus subscriber entry point: events of this conversation, ascending."""
+        for frame in frames:
+            self.put(frame)
+
+    def put(self, frame: Frame) -> None:
+        if self.closed or self.overflowed:
+            return
+        if frame.offset:
+            if frame.offset <= self.floor:
+                return  # already sent by the replay: every offset exactly once
+            self.floor = frame.offset
+        self._q.append(frame)
+        self._bytes += frame.size
+        if len(self._q) > self.max_frames or self._bytes > self.max_bytes:
+            self._merge()
+            if len(self._q) > self.max_frames or self._bytes > self.max_bytes:
+                self.overflowed = True
+                self._q.clear()
+                self._bytes = 0
+        self._wake()
+
+    def close(self) -> None:
+        self.closed = True
+        self._wake()
+
+    async def get(self) -> Frame | None:
+        """The next frame to send; None once the outbox is closed or overflowed."""
+        while not self._q:
+            if self.closed or self.overflowed:
+                return None
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        if self.overflowed:
+            return None
+        frame = self._q.popleft()
+        self._bytes -= frame.size
+        return frame
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _merge(self) -> None:
+        """Merge runs of consecutive deltas of one message into single frames."""
+        out: deque[Frame] = deque()
+        run: list[Frame] = []
+
+        def flush() -> None:
+            if len(run) == 1:
+                out.append(run[0])
+            elif run:
+                parts = [f.delta for f in run if f.delta is not None]
+                merged = coalesce(parts[0], parts)
+                frame = Frame.of(encode(merged), merged.offset, merged)
+                frame.born = run[0].born
+                out.append(frame)
+                self.merged += len(run) - 1
+            run.clear()
+
+        for frame in self._q:
+            d = frame.delta
+            if (
+                d is not None
+                and run
+                and run[-1].delta is not None
+                and (run[-1].delta.message_id == d.message_id)
+            ):
+                run.append(frame)
+                continue
+            flush()
+            if d is not None:
+                run.append(frame)
+            else:
+                out.append(frame)
+        flush()
+        self._q = out
+        self._bytes = sum(f.size for f in out)

@@ -1,0 +1,417 @@
+"""Every frame on the wire, as pydantic models: the only place frames are parsed and built.
+
+Client frames (PROTOCOL.md section 3) are parsed by `parse_client_frame`; server
+frames and conversation events (sections 2-4) are built from these models and
+encoded once with orjson by `encode`.  Runner results (section 10) are validated
+here too, by `validate_result_data`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, ClassVar, Literal
+
+import orjson
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
+
+from gateway.errors import FrameError
+from gateway.protocol.codes import ErrorCode
+
+PROTOCOL_VERSION = 1
+MAX_TEXT_CHARS = 32_768
+MAX_METADATA_BYTES = 16 * 1024
+MAX_STATE_VALUE_BYTES = 256 * 1024
+
+CONVERSATION_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+_ID_CHARS = r"^[A-Za-z0-9._:-]+$"
+
+ClientMsgId = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=_ID_CHARS)]
+RunnerName = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=_ID_CHARS)]
+Mode = Literal["auto", "steer", "queue", "interrupt"]
+Route = Literal["run", "steer", "queue", "interrupt"]
+
+
+def is_conversation_id(value: str) -> bool:
+    """Section 1: 1-128 chars of [A-Za-z0-9._:-], starting with a letter or digit."""
+    return CONVERSATION_ID_RE.fullmatch(value) is not None
+
+
+class Strict(BaseModel):
+    """Strict types, no unknown fields: a frame either matches exactly or is refused."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    # Optional fields that are left out of the encoding when None ("metadata (only when given)").
+    omit_none: ClassVar[tuple[str, ...]] = ()
+
+    def wire(self) -> dict[str, Any]:
+        """The frame as the JSON object that goes on the wire."""
+        obj = self.model_dump(mode="json")
+        for name in self.omit_none:
+            if obj[name] is None:
+                del obj[name]
+        return obj
+
+
+# --------------------------------------------------------------------------- client frames
+
+
+class MessageFrame(Strict):
+    type: Literal["message"]
+    client_msg_id: ClientMsgId
+    text: Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT_CHARS)]
+    mode: Mode = "auto"
+    metadata: dict[str, Any] | None = None
+    runner: RunnerName | None = None
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_size(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and len(_dumps_checked(value)) > MAX_METADATA_BYTES:
+            raise ValueError(f"metadata over {MAX_METADATA_BYTES} bytes as compact JSON")
+        return value
+
+
+class CancelFrame(Strict):
+    type: Literal["cancel"]
+    run_id: Annotated[str, StringConstraints(max_length=64)] | None = None
+
+
+class PingFrame(Strict):
+    type: Literal["ping"]
+    nonce: Annotated[str, StringConstraints(max_length=128)] | None = None
+
+
+ClientFrame = Annotated[MessageFrame | CancelFrame | PingFrame, Discriminator("type")]
+_client_frame: TypeAdapter[MessageFrame | CancelFrame | PingFrame] = TypeAdapter(ClientFrame)
+
+
+def _dumps_checked(value: object) -> bytes:
+    try:
+        return orjson.dumps(value)
+    except TypeError as exc:  # e.g. an integer beyond 64 bits
+        raise ValueError(f"not encodable as JSON: {exc}") from exc
+
+
+def _frame_error(exc: ValidationError, client_msg_id: str | None) -> FrameError:
+    errors = exc.errors(include_url=False, include_context=False, include_input=False)
+    for err in errors:
+        if err["loc"][-1:] == ("text",) and err["type"] == "string_too_long":
+            return FrameError(
+                f"text over {MAX_TEXT_CHARS} characters",
+                code=ErrorCode.TEXT_TOO_LONG,
+                client_msg_id=client_msg_id,
+            )
+    first = errors[0]
+    where = ".".join(str(part) for part in first["loc"][1:]) or "frame"
+    return FrameError(f"{where}: {first['msg']}", client_msg_id=client_msg_id)
+
+
+def _valid_msg_id(obj: dict[str, Any]) -> str | None:
+    value = obj.get("client_msg_id")
+    if isinstance(value, str) and 0 < len(value) <= 64 and re.match(_ID_CHARS, value):
+        return value
+    return None
+
+
+def parse_client_frame(raw: str | bytes) -> MessageFrame | CancelFrame | PingFrame:
+    """Parse one WebSocket text frame; raise FrameError with the code section 3 gives."""
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise FrameError("the frame is not valid JSON", code=ErrorCode.INVALID_JSON) from None
+    return validate_client_frame(obj)
+
+
+def validate_client_frame(obj: object) -> MessageFrame | CancelFrame | PingFrame:
+    """Validate an already decoded JSON value as a client frame."""
+    if not isinstance(obj, dict):
+        raise FrameError("a frame must be a JSON object")
+    msg_id = _valid_msg_id(obj)
+    kind = obj.get("type")
+    if kind not in ("message", "cancel", "ping"):
+        raise FrameError(f"unknown frame type {str(kind)[:64]!r}", client_msg_id=msg_id)
+    try:
+        return _client_frame.validate_python(obj)
+    except ValidationError as exc:
+        raise _frame_error(exc, msg_id) from None
+
+
+# --------------------------------------------------------------------------- server frames
+
+
+class RunSummary(Strict):
+    run_id: str
+    status: str
+    runner: str
+
+
+class Ready(Strict):
+    type: Literal["ready"] = "ready"
+    protocol: int = PROTOCOL_VERSION
+    conversation_id: str
+    session_id: str
+    head: int
+    active_run: RunSummary | None
+    queued_runs: int
+
+
+class Ack(Strict):
+    type: Literal["ack"] = "ack"
+    client_msg_id: str
+    offset: int
+    message_id: str
+    route: Route
+    run_id: str
+    duplicate: bool = False
+
+
+class ErrorFrame(Strict):
+    omit_none = ("client_msg_id",)
+    type: Literal["error"] = "error"
+    code: ErrorCode
+    message: str
+    client_msg_id: str | None = None
+
+
+class Pong(Strict):
+    type: Literal["pong"] = "pong"
+    nonce: str | None
+
+
+# --------------------------------------------------------------------------- events (section 4)
+
+
+class Event(Strict):
+    """Fields every event carries; `offset` and `ts` are set by the event log."""
+
+    omit_none: ClassVar[tuple[str, ...]] = ("run_id",)
+
+    type: str
+    offset: int = 0
+    ts: int = 0
+    conversation_id: str
+    run_id: str | None = None
+
+
+class UserMessage(Event):
+    omit_none = ("run_id", "metadata")
+    type: Literal["user.message"] = "user.message"
+    message_id: str
+    client_msg_id: str
+    text: str
+    route: Route
+    author: str
+    metadata: dict[str, Any] | None = None
+
+
+class RunQueued(Event):
+    type: Literal["run.queued"] = "run.queued"
+    runner: str
+    trigger_message_ids: list[str]
+    position: int
+
+
+class RunStarted(Event):
+    type: Literal["run.started"] = "run.started"
+    runner: str
+    trigger_message_ids: list[str]
+
+
+class MessageDelta(Event):
+    type: Literal["message.delta"] = "message.delta"
+    message_id: str
+    delta: str
+
+
+class AssistantMessage(Strict):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class MessageCompleted(Event):
+    type: Literal["message.completed"] = "message.completed"
+    message_id: str
+    message: AssistantMessage
+
+
+class ToolCallStarted(Event):
+    type: Literal["tool.call.started"] = "tool.call.started"
+    tool_call_id: str
+    name: str
+    arguments: Any
+
+
+class ToolCallCompleted(Event):
+    type: Literal["tool.call.completed"] = "tool.call.completed"
+    tool_call_id: str
+    name: str
+    result: Any = None
+    error: Any = None
+
+    def wire(self) -> dict[str, Any]:
+        # `result` | `error`: exactly one of the two is on the wire.
+        obj = super().wire()
+        del obj["result" if self.error is not None else "error"]
+        return obj
+
+
+Scope = Literal["conversation", "actor", "runner"]
+
+
+class StateUpdated(Event):
+    type: Literal["state.updated"] = "state.updated"
+    scope: Scope
+    key: str
+    value: Any
+
+
+class SteeringAbsorbed(Event):
+    type: Literal["steering.absorbed"] = "steering.absorbed"
+    message_ids: list[str]
+
+
+class SteeringDropped(Event):
+    type: Literal["steering.dropped"] = "steering.dropped"
+    message_ids: list[str]
+    reason: Literal["run_ended", "cancelled"]
+
+
+class RunError(Strict):
+    code: str
+    message: str
+    retryable: bool
+
+
+EndStatus = Literal["completed", "failed", "cancelled", "timeout"]
+
+
+class RunEnded(Event):
+    omit_none = ("run_id", "error")
+    type: Literal["run.ended"] = "run.ended"
+    status: EndStatus
+    reason: str
+    error: RunError | None = None
+    usage: dict[str, Any] | None = None
+
+
+class CoalescedDelta(MessageDelta):
+    """Consecutive deltas of one message merged for a lagging client (section 6)."""
+
+    first_offset: int
+
+
+def coalesce(first: MessageDelta, parts: list[MessageDelta]) -> CoalescedDelta:
+    """Merge `parts` (ascending, one message_id): the last one's offset and ts, the first's
+    offset as `first_offset` (or `first.first_offset` when it is already merged)."""
+    last = parts[-1]
+    return CoalescedDelta(
+        offset=last.offset,
+        ts=last.ts,
+        conversation_id=last.conversation_id,
+        run_id=last.run_id,
+        message_id=last.message_id,
+        delta="".join(p.delta for p in parts),
+        first_offset=first.first_offset if isinstance(first, CoalescedDelta) else first.offset,
+    )
+
+
+def encode(frame: Strict) -> bytes:
+    """Encode a frame once: these bytes (as text) are what every client is sent."""
+    return orjson.dumps(frame.wire())
+
+
+# --------------------------------------------------------------------------- runner results
+
+
+class DeltaData(Strict):
+    chunk: str
+
+
+class CompletedData(Strict):
+    message: AssistantMessage
+
+
+class ToolStartedData(Strict):
+    tool_call_id: str
+    name: str
+    arguments: Any = None
+
+
+class ToolCompletedData(Strict):
+    tool_call_id: str
+    name: str
+    result: Any = None
+    error: Any = None
+
+
+class StateData(Strict):
+    scope: Scope
+    key: str
+    value: Any
+
+    @field_validator("value")
+    @classmethod
+    def _value_size(cls, value: Any) -> Any:
+        if len(_dumps_checked(value)) > MAX_STATE_VALUE_BYTES:
+            raise ValueError(f"state value over {MAX_STATE_VALUE_BYTES} bytes")
+        return value
+
+
+class RunCompletedData(Strict):
+    finish_reason: str
+    message: AssistantMessage | None = None
+
+
+class RunFailedData(Strict):
+    error: str
+    code: str
+    retryable: bool
+
+
+ResultData = (
+    DeltaData
+    | CompletedData
+    | ToolStartedData
+    | ToolCompletedData
+    | StateData
+    | RunCompletedData
+    | RunFailedData
+)
+
+RESULT_SCHEMAS: dict[str, type[Strict]] = {
+    "message.delta": DeltaData,
+    "message.completed": CompletedData,
+    "tool.call.started": ToolStartedData,
+    "tool.call.completed": ToolCompletedData,
+    "state.updated": StateData,
+    "run.completed": RunCompletedData,
+    "run.failed": RunFailedData,
+}
+
+
+def validate_result_data(kind: str, data: object) -> ResultData:
+    """Validate the `data` of a runner result of a known type (raises ValidationError)."""
+    return RESULT_SCHEMAS[kind].model_validate(data)  # type: ignore[return-value]
+
+
+def result_size(result: object) -> int:
+    """Bytes of a runner result's JSON encoding (section 10: over 1 MiB is truncated)."""
+    try:
+        return len(orjson.dumps(result, default=_model_default))
+    except TypeError:
+        return -1
+
+
+def _model_default(value: object) -> object:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    raise TypeError

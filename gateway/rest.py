@@ -1,0 +1,194 @@
+"""The REST API (PROTOCOL.md section 8): same routing as the WebSocket, JSON bodies."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from gateway.conversation import ConversationHub
+from gateway.errors import FrameError, SteerwayError
+from gateway.protocol.codes import ErrorCode
+from gateway.protocol.frames import MessageFrame, encode, is_conversation_id, validate_client_frame
+from store.base import StoreError
+
+LISTING_DEFAULT, LISTING_MAX = 50, 500
+EVENTS_DEFAULT, EVENTS_MAX = 500, 5000
+MAX_BODY = 64 * 1024
+
+
+def json(body: Any, status: int = 200) -> Response:
+    data = body if isinstance(body, bytes) else orjson.dumps(body)
+    return Response(data, status_code=status, media_type="application/json")
+
+
+def error(code: ErrorCode, message: str) -> Response:
+    return json({"error": {"code": code.value, "message": message}}, code.http_status)
+
+
+def _bad(message: str) -> SteerwayError:
+    return FrameError(message, code=ErrorCode.INVALID_FRAME)
+
+
+def _int(request: Request, name: str, default: int, maximum: int | None = None) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
+        raise _bad(f"`{name}` must be an integer >= 0")
+    value = int(raw)
+    if maximum is not None:
+        if value < 1:
+            raise _bad(f"`{name}` must be at least 1")
+        value = min(value, maximum)  # above the maximum is clamped
+    return value
+
+
+def _cid(request: Request) -> str:
+    cid: str = request.path_params["conversation_id"]
+    if not is_conversation_id(cid):
+        raise _bad("illegal conversation id")
+    return cid
+
+
+def _cursor(value: object) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps(value)).decode()
+
+
+def _uncursor(raw: str) -> Any:
+    try:
+        return orjson.loads(base64.urlsafe_b64decode(raw.encode()))
+    except (binascii.Error, ValueError, orjson.JSONDecodeError):
+        raise _bad("`before` is not a cursor this server gave") from None
+
+
+class Api:
+    def __init__(self, hub: ConversationHub) -> None:
+        self.hub = hub
+        self.store = hub.store
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/api/conversations", self.wrap(self.conversations)),
+            Route(
+                "/api/conversations/{conversation_id}/messages",
+                self.wrap(self.post_message),
+                methods=["POST"],
+            ),
+            Route("/api/conversations/{conversation_id}/events", self.wrap(self.events)),
+            Route("/api/conversations/{conversation_id}/transcript", self.wrap(self.transcript)),
+            Route("/api/runs", self.wrap(self.runs)),
+            Route("/api/runs/{run_id}", self.wrap(self.run)),
+            Route("/api/runs/{run_id}/cancel", self.wrap(self.cancel), methods=["POST"]),
+        ]
+
+    def wrap(self, handler: Any) -> Any:
+        async def endpoint(request: Request) -> Response:
+            try:
+                response: Response = await handler(request)
+                return response
+            except SteerwayError as exc:
+                return error(exc.code, exc.message)
+            except StoreError:
+                return error(ErrorCode.INTERNAL, "the store is unavailable")
+
+        endpoint.__name__ = handler.__name__
+        return endpoint
+
+    async def post_message(self, request: Request) -> Response:
+        cid = _cid(request)
+        body = await request.body()
+        if len(body) > MAX_BODY:
+            raise _bad(f"body over {MAX_BODY} bytes")
+        try:
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise FrameError("the body is not valid JSON", code=ErrorCode.INVALID_JSON) from None
+        if isinstance(obj, dict):
+            obj.setdefault("type", "message")
+        frame = validate_client_frame(obj)
+        if not isinstance(frame, MessageFrame):
+            raise _bad("the body's `type` must be `message`")
+        ack = await self.hub.submit(cid, frame, "anonymous")
+        return json(encode(ack))
+
+    async def events(self, request: Request) -> Response:
+        cid = _cid(request)
+        after = _int(request, "after", 0)
+        limit = _int(request, "limit", EVENTS_DEFAULT, EVENTS_MAX)
+        record = await self.store.get_conversation(cid)
+        payloads = await self.store.read_events(cid, after, limit)
+        head = record.head if record else 0
+        # Stored texts are spliced in as they are: the same bytes as the live frames.
+        body = b'{"events":[' + ",".join(payloads).encode() + b'],"head":%d}' % head
+        return json(body)
+
+    async def transcript(self, request: Request) -> Response:
+        turns = await self.store.transcript(_cid(request))
+        return json({"turns": [t.document() for t in turns]})
+
+    async def conversations(self, request: Request) -> Response:
+        limit = _int(request, "limit", LISTING_DEFAULT, LISTING_MAX)
+        raw = request.query_params.get("before")
+        before = None
+        if raw is not None:
+            value = _uncursor(raw)
+            if not (
+                isinstance(value, list)
+                and len(value) == 2
+                and isinstance(value[0], int)
+                and isinstance(value[1], str)
+            ):
+                raise _bad("`before` is not a cursor this server gave")
+            before = (value[0], value[1])
+        items = await self.store.list_conversations(limit + 1, before)
+        more = len(items) > limit
+        items = items[:limit]
+        nxt = _cursor([items[-1].last_activity, items[-1].conversation_id]) if more else None
+        return json({"conversations": [c.listing() for c in items], "next_before": nxt})
+
+    async def runs(self, request: Request) -> Response:
+        limit = _int(request, "limit", LISTING_DEFAULT, LISTING_MAX)
+        status = request.query_params.get("status")
+        if status is not None and status not in (
+            "queued",
+            "running",
+            "completed",
+            "failed",
+            "cancelled",
+            "timeout",
+        ):
+            raise _bad("unknown `status`")
+        cid = request.query_params.get("conversation_id")
+        if cid is not None and not is_conversation_id(cid):
+            raise _bad("illegal conversation id")
+        raw = request.query_params.get("before")
+        before = None
+        if raw is not None:
+            value = _uncursor(raw)
+            if not isinstance(value, str):
+                raise _bad("`before` is not a cursor this server gave")
+            before = value
+        runs = await self.store.list_runs(status, cid, limit + 1, before)
+        more = len(runs) > limit
+        runs = runs[:limit]
+        return json({"runs": runs, "next_before": _cursor(runs[-1]["run_id"]) if more else None})
+
+    async def run(self, request: Request) -> Response:
+        doc = await self.store.get_run(request.path_params["run_id"])
+        if doc is None:
+            return error(ErrorCode.UNKNOWN_RUN, "no run of that id")
+        return json(doc)
+
+    async def cancel(self, request: Request) -> Response:
+        run_id = request.path_params["run_id"]
+        doc = await self.store.get_run(run_id)
+        if doc is None:
+            return error(ErrorCode.UNKNOWN_RUN, "no run of that id")
+        await self.hub.cancel(doc["conversation_id"], run_id)
+        return json({"run_id": run_id, "status": "cancelling"}, 202)

@@ -1,0 +1,1 @@
+"""Runners: the agents that produce a run's results."""

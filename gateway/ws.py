@@ -1,0 +1,248 @@
+"""`GET /ws/conversations/{conversation_id}` (PROTOCOL.md sections 2, 3, 6).
+
+A raw ASGI endpoint: the per-frame path sends the shared ASGI message of an
+already encoded frame, with no per-client encoding.  Each connection has two
+coroutines: this one reads client frames and hands them to the conversation
+actor; a writer task sends `ready`, the replay, then the outbox (live events,
+acks, errors), and closes the connection with 4008 when the outbox overflows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from typing import Any
+from urllib.parse import parse_qs
+
+import orjson
+
+from gateway.conversation import Cancel, ConversationActor, ConversationHub, Submit
+from gateway.core.limits import TokenBucket
+from gateway.errors import FrameError, SteerwayError
+from gateway.outbox import Frame, Outbox
+from gateway.protocol.codes import CloseCode, ErrorCode
+from gateway.protocol.frames import (
+    Ack,
+    CancelFrame,
+    ErrorFrame,
+    MessageFrame,
+    Pong,
+    Ready,
+    encode,
+    is_conversation_id,
+    parse_client_frame,
+)
+
+log = logging.getLogger("steerway.ws")
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+REPLAY_PAGE = 500
+ANONYMOUS = "anonymous"
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def parse_after(values: list[str] | None) -> int | None:
+    """`after`: absent, or an integer >= 0 (section 2); anything else is a 400."""
+    if not values:
+        return None
+    raw = values[-1]
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
+        raise BadRequest(400, ErrorCode.INVALID_FRAME, "`after` must be an integer >= 0")
+    return int(raw)
+
+
+async def deny(send: Any, scope: Scope, error: BadRequest) -> None:
+    """Refuse before the upgrade with an HTTP answer, where the server supports it."""
+    body = orjson.dumps({"error": {"code": error.code.value, "message": error.message}})
+    if "websocket.http.response" in scope.get("extensions", {}):
+        await send(
+            {
+                "type": "websocket.http.response.start",
+                "status": error.status,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "websocket.http.response.body", "body": body})
+    else:  # pragma: no cover - uvicorn supports the extension
+        await send({"type": "websocket.close", "code": CloseCode.POLICY_VIOLATION})
+
+
+class ConversationSocket:
+    """The ASGI app of the conversation endpoint."""
+
+    def __init__(self, hub: ConversationHub) -> None:
+        self.hub = hub
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if (await receive())["type"] != "websocket.connect":
+            return
+        cid = scope["path_params"]["conversation_id"]
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        try:
+            if not is_conversation_id(cid):
+                raise BadRequest(400, ErrorCode.INVALID_FRAME, "illegal conversation id")
+            after = parse_after(query.get("after"))
+            try:
+                actor = await self.hub.get(cid)
+            except SteerwayError as exc:
+                raise BadRequest(503, exc.code, exc.message) from None
+        except BadRequest as exc:
+            await deny(send, scope, exc)
+            return
+        label = (query.get("client") or [""])[-1][:64]
+        await Session(self.hub, actor, send, receive, after, label).serve()
+
+
+class Session:
+    """One client connection to one conversation."""
+
+    def __init__(
+        self,
+        hub: ConversationHub,
+        actor: ConversationActor,
+        send: Any,
+        receive: Any,
+        after: int | None,
+        label: str,
+    ) -> None:
+        settings = hub.settings
+        self.hub = hub
+        self.cid = actor.conversation_id
+        self.send = send
+        self.receive = receive
+        self.after = after
+        self.label = label
+        self.session_id = uuid.uuid4().hex
+        self.author = ANONYMOUS
+        self.outbox = Outbox(settings.outbox_frames, settings.outbox_bytes)
+        self.bucket = TokenBucket(settings.rate_per_s, settings.rate_burst, time.monotonic())
+        self.close_code: int | None = None
+
+    async def serve(self) -> None:
+        hub, metrics = self.hub, self.hub.metrics
+        await self.send({"type": "websocket.accept"})
+        actor = await hub.get(self.cid)
+        # No await from here to the end of the block: every event after `head` reaches the
+        # outbox through the bus, every event up to `head` is in the store (section 2).
+        hub.bus.subscribe(self.cid, self.outbox)
+        head = actor.log.published
+        self.outbox.floor = max(head, self.after or 0)
+        ready = Ready(
+            conversation_id=self.cid,
+            session_id=self.session_id,
+            head=head,
+            active_run=actor.summary(),
+            queued_runs=len(actor.machine.queue),
+        )
+        metrics.connections.labels("conversation").inc()
+        writer = asyncio.create_task(self._write(encode(ready), head))
+        try:
+            await self._read()
+        finally:
+            hub.bus.unsubscribe(self.cid, self.outbox)
+            metrics.connections.labels("conversation").dec()
+            self.outbox.close()
+            await writer
+
+    # ------------------------------------------------------------------ writer
+
+    async def _write(self, ready: bytes, head: int) -> None:
+        send, outbox = self.send, self.outbox
+        observe = self.hub.metrics.delivery.observe
+        try:
+            await send({"type": "websocket.send", "text": ready.decode()})
+            if self.after is not None:
+                await self._replay(self.after, head)
+            while (frame := await outbox.get()) is not None:
+                if frame.born:
+                    observe(time.perf_counter() - frame.born)
+                    frame.born = 0.0  # shared: the first delivery is the one measured
+                await send(frame.message)
+            if outbox.overflowed:
+                self.hub.metrics.slow_consumers.inc()
+                await self._close(CloseCode.SLOW_CONSUMER, "slow_consumer")
+        except OSError:  # the client went away (uvicorn's ClientDisconnected)
+            pass
+        except Exception:
+            log.exception("session %s: writer failed", self.session_id)
+            with contextlib.suppress(Exception):
+                await self._close(1011, "internal error")
+
+    async def _replay(self, after: int, head: int) -> None:
+        store = self.hub.store
+        offset = after
+        while offset < head:
+            payloads = await store.read_events(self.cid, offset, min(REPLAY_PAGE, head - offset))
+            if not payloads:
+                break
+            for text in payloads:
+                await self.send({"type": "websocket.send", "text": text})
+            offset += len(payloads)
+
+    async def _close(self, code: int, reason: str) -> None:
+        if self.close_code is None:
+            self.close_code = code
+            self.outbox.close()
+            await self.send({"type": "websocket.close", "code": code, "reason": reason})
+
+    # ------------------------------------------------------------------ reader
+
+    def _reply(self, outcome: Ack | SteerwayError | None) -> None:
+        if outcome is None:
+            return
+        if isinstance(outcome, SteerwayError):
+            self._error(outcome)
+        else:
+            self.outbox.put(Frame.of(encode(outcome)))
+
+    def _error(self, error: SteerwayError) -> None:
+        self.hub.metrics.client_errors.labels(error.code.value).inc()
+        frame = ErrorFrame(
+            code=error.code, message=error.message, client_msg_id=error.client_msg_id
+        )
+        self.outbox.put(Frame.of(encode(frame)))
+
+    async def _read(self) -> None:
+        settings = self.hub.settings
+        while True:
+            message = await self.receive()
+            if message["type"] != "websocket.receive":
+                return  # websocket.disconnect
+            if self.close_code is not None:
+                continue
+            if not self.bucket.take(time.monotonic()):
+                if self.bucket.refusals >= settings.rate_abuse:
+                    await self._close(CloseCode.RATE_LIMIT_ABUSE, "rate_limit_abuse")
+                else:
+                    self._error(
+                        SteerwayError("too many frames; slow down", code=ErrorCode.RATE_LIMITED)
+                    )
+                continue
+            text = message.get("text")
+            if text is None:
+                self._error(FrameError("binary frames are not accepted; send JSON text"))
+                continue
+            try:
+                frame = parse_client_frame(text)
+            except FrameError as exc:
+                self._error(exc)
+                continue
+            if isinstance(frame, MessageFrame):
+                actor = await self.hub.get(self.cid)
+                await actor.post(Submit(frame, self.author, self._reply))
+            elif isinstance(frame, CancelFrame):
+                actor = await self.hub.get(self.cid)
+                await actor.post(Cancel(frame.run_id, self._reply))
+            else:
+                self.outbox.put(Frame.of(encode(Pong(nonce=frame.nonce))))

@@ -1,0 +1,114 @@
+"""The Store interface shared by the memory and MongoDB stores.
+
+The store knows documents, not protocol: an event is stored with the exact
+text it was sent with (`payload`), so a replay is byte-identical to the live
+frame, and with the few fields its indexes need.  Every write is idempotent:
+writing a batch again after a failure stores nothing twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(slots=True)
+class EventRecord:
+    conversation_id: str
+    offset: int
+    type: str
+    ts: int
+    payload: str  # the event's JSON text, exactly as it went on the wire
+    run_id: str | None = None
+    client_msg_id: str | None = None  # user.message only: the idempotency key
+
+
+@dataclass(slots=True)
+class TurnRecord:
+    conversation_id: str
+    role: str
+    content: str
+    message_id: str
+    run_id: str
+    ts: int
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "role": self.role,
+            "content": self.content,
+            "message_id": self.message_id,
+            "run_id": self.run_id,
+            "ts": self.ts,
+        }
+
+
+@dataclass(slots=True)
+class ConversationRecord:
+    conversation_id: str
+    head: int
+    last_activity: int
+    runner: str | None = None
+    active_run: dict[str, Any] | None = None  # {run_id, status, runner}
+
+    def listing(self) -> dict[str, Any]:
+        """The listing item of PROTOCOL.md section 8."""
+        return {
+            "conversation_id": self.conversation_id,
+            "head": self.head,
+            "last_activity": self.last_activity,
+            "active_run": self.active_run,
+        }
+
+
+@dataclass
+class WriteBatch:
+    """One group commit: events of any conversations, in offset order per conversation."""
+
+    events: list[EventRecord] = field(default_factory=list)
+    runs: list[dict[str, Any]] = field(default_factory=list)  # run documents, upserted by run_id
+    conversations: list[ConversationRecord] = field(default_factory=list)
+    turns: list[TurnRecord] = field(default_factory=list)
+
+    def extend(self, other: WriteBatch) -> None:
+        self.events.extend(other.events)
+        self.runs.extend(other.runs)
+        self.conversations.extend(other.conversations)
+        self.turns.extend(other.turns)
+
+
+class Store(Protocol):
+    """Everything the gateway persists. Raises `StoreError` when the backend fails."""
+
+    async def write(self, batch: WriteBatch) -> None:
+        """Store a batch, idempotently: a retry after a failure stores nothing twice."""
+
+    async def ping(self) -> None:
+        """Return when the backend answers; raise StoreError otherwise."""
+
+    async def get_conversation(self, conversation_id: str) -> ConversationRecord | None: ...
+
+    async def read_events(self, conversation_id: str, after: int, limit: int) -> list[str]:
+        """Payloads of the events with offset > after, ascending, at most `limit`."""
+
+    async def find_client_message(self, conversation_id: str, client_msg_id: str) -> str | None:
+        """The payload of the user.message stored under an idempotency key, if any."""
+
+    async def transcript(self, conversation_id: str) -> list[TurnRecord]: ...
+
+    async def list_conversations(
+        self, limit: int, before: tuple[int, str] | None
+    ) -> list[ConversationRecord]:
+        """Most recently active first; `before` is the (last_activity, id) of the last item seen."""
+
+    async def get_run(self, run_id: str) -> dict[str, Any] | None: ...
+
+    async def list_runs(
+        self, status: str | None, conversation_id: str | None, limit: int, before: str | None
+    ) -> list[dict[str, Any]]:
+        """Newest first (run ids are time-ordered); `before` is the last run id seen."""
+
+    async def close(self) -> None: ...
+
+
+class StoreError(Exception):
+    """The backend failed or did not answer."""

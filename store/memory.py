@@ -1,0 +1,106 @@
+"""The memory store: everything in dicts, for tests and for `--store memory`."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from store.base import ConversationRecord, StoreError, TurnRecord, WriteBatch
+
+
+class MemoryStore:
+    """A Store in process memory. `fail` makes every call raise, to test outages."""
+
+    def __init__(self) -> None:
+        self._events: dict[str, list[str]] = {}
+        self._keys: dict[tuple[str, str], int] = {}  # (conversation, client_msg_id) -> offset
+        self._conversations: dict[str, ConversationRecord] = {}
+        self._runs: dict[str, dict[str, Any]] = {}
+        self._turns: dict[str, list[TurnRecord]] = {}
+        self._turn_ids: set[tuple[str, str]] = set()
+        self.fail = False
+
+    def _check(self) -> None:
+        if self.fail:
+            raise StoreError("memory store is set to fail")
+
+    async def write(self, batch: WriteBatch) -> None:
+        self._check()
+        for ev in batch.events:
+            log = self._events.setdefault(ev.conversation_id, [])
+            if ev.offset <= len(log):
+                continue  # already written by an earlier try of this batch
+            if ev.offset != len(log) + 1:
+                raise StoreError(f"{ev.conversation_id}: offset {ev.offset} after {len(log)}")
+            log.append(ev.payload)
+            if ev.client_msg_id is not None:
+                self._keys.setdefault((ev.conversation_id, ev.client_msg_id), ev.offset)
+        for run in batch.runs:
+            self._runs[run["run_id"]] = copy.deepcopy(run)
+        for conv in batch.conversations:
+            self._conversations[conv.conversation_id] = copy.copy(conv)
+        for turn in batch.turns:
+            if (turn.conversation_id, turn.message_id) not in self._turn_ids:
+                self._turn_ids.add((turn.conversation_id, turn.message_id))
+                self._turns.setdefault(turn.conversation_id, []).append(turn)
+
+    async def ping(self) -> None:
+        self._check()
+
+    async def get_conversation(self, conversation_id: str) -> ConversationRecord | None:
+        self._check()
+        conv = self._conversations.get(conversation_id)
+        return copy.copy(conv) if conv else None
+
+    async def read_events(self, conversation_id: str, after: int, limit: int) -> list[str]:
+        self._check()
+        log = self._events.get(conversation_id, [])
+        return log[max(after, 0) : max(after, 0) + limit]
+
+    async def find_client_message(self, conversation_id: str, client_msg_id: str) -> str | None:
+        self._check()
+        offset = self._keys.get((conversation_id, client_msg_id))
+        return None if offset is None else self._events[conversation_id][offset - 1]
+
+    async def transcript(self, conversation_id: str) -> list[TurnRecord]:
+        self._check()
+        return list(self._turns.get(conversation_id, []))
+
+    async def list_conversations(
+        self, limit: int, before: tuple[int, str] | None
+    ) -> list[ConversationRecord]:
+        self._check()
+        items = sorted(
+            self._conversations.values(),
+            key=lambda c: (c.last_activity, c.conversation_id),
+            reverse=True,
+        )
+        if before is not None:
+            items = [c for c in items if (c.last_activity, c.conversation_id) < before]
+        return [copy.copy(c) for c in items[:limit]]
+
+    async def get_run(self, run_id: str) -> dict[str, Any] | None:
+        self._check()
+        run = self._runs.get(run_id)
+        return copy.deepcopy(run) if run else None
+
+    async def list_runs(
+        self, status: str | None, conversation_id: str | None, limit: int, before: str | None
+    ) -> list[dict[str, Any]]:
+        self._check()
+        out: list[dict[str, Any]] = []
+        for run_id in sorted(self._runs, reverse=True):
+            run = self._runs[run_id]
+            if before is not None and run_id >= before:
+                continue
+            if status is not None and run["status"] != status:
+                continue
+            if conversation_id is not None and run["conversation_id"] != conversation_id:
+                continue
+            out.append(copy.deepcopy(run))
+            if len(out) >= limit:
+                break
+        return out
+
+    async def close(self) -> None:
+        return None
