@@ -191,4 +191,4 @@ class Api:
         if doc is None:
             return error(ErrorCode.UNKNOWN_RUN, "no run of that id")
         await self.hub.cancel(doc["conversation_id"], run_id)
-        return json({"run_id": run_id, "status": "cancelling"}, 202)
+        return json({"run_id": run_id, "status": "cancelled"}, 202)

@@ -26,9 +26,9 @@ from gateway.outbox import Frame, Outbox
 from gateway.protocol.codes import CloseCode, ErrorCode
 from gateway.protocol.frames import (
     Ack,
-    CancelFrame,
     ErrorFrame,
     MessageFrame,
+    PingFrame,
     Pong,
     Ready,
     encode,
@@ -238,11 +238,16 @@ class Session:
             except FrameError as exc:
                 self._error(exc)
                 continue
-            if isinstance(frame, MessageFrame):
-                actor = await self.hub.get(self.cid)
-                await actor.post(Submit(frame, self.author, self._reply))
-            elif isinstance(frame, CancelFrame):
-                actor = await self.hub.get(self.cid)
-                await actor.post(Cancel(frame.run_id, self._reply))
-            else:
+            if isinstance(frame, PingFrame):
                 self.outbox.put(Frame.of(encode(Pong(nonce=frame.nonce))))
+                continue
+            try:
+                actor = await self.hub.get(self.cid)
+            except SteerwayError as exc:  # the actor had to be reloaded and the store is down
+                exc.client_msg_id = getattr(frame, "client_msg_id", None)
+                self._error(exc)
+                continue
+            if isinstance(frame, MessageFrame):
+                await actor.post(Submit(frame, self.author, self._reply))
+            else:
+                await actor.post(Cancel(frame.run_id, self._reply))
