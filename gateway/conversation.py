@@ -224,7 +224,9 @@ class ConversationActor:
             return
         key = item.frame.client_msg_id
         first: UserMessage | None = pending.get(key) or self._acks.get(key)
-        if first is None and self.log.head > 0:
+        if first is None:
+            # One indexed read per new message: also how a store outage is noticed
+            # before anything is routed (section 3, `internal`: nothing stored).
             payload = await self.hub.store.find_client_message(self.conversation_id, key)
             if payload is not None:
                 first = UserMessage.model_validate(orjson.loads(payload))
@@ -311,7 +313,10 @@ def _fail(item: Input, exc: Exception) -> None:
         if isinstance(exc, StoreError)
         else SteerwayError("internal error", code=ErrorCode.INTERNAL)
     )
-    if isinstance(item, Submit | Cancel):
+    if isinstance(item, Submit):
+        error.client_msg_id = item.frame.client_msg_id
+        item.reply(error)
+    elif isinstance(item, Cancel):
         item.reply(error)
     elif isinstance(item, SteeringPull) and not item.reply.done():
         item.reply.set_result([])
@@ -386,8 +391,15 @@ class ConversationHub:
         if self.on_conversation_change is not None:
             self.on_conversation_change(actor)
 
+    def check_writable(self) -> None:
+        """Refuse new messages at once while store writes are failing: the actor is busy
+        retrying, and an ack could take as long as the outage."""
+        if not self.committer.healthy:
+            raise StoreUnavailable("the store is unavailable; nothing was stored")
+
     async def submit(self, conversation_id: str, frame: MessageFrame, author: str) -> Ack:
         """Submit a message and wait for its ack (REST)."""
+        self.check_writable()
         actor = await self.get(conversation_id)
         done: asyncio.Future[Ack | SteerwayError] = asyncio.get_running_loop().create_future()
         await actor.post(Submit(frame, author, done.set_result))

@@ -242,8 +242,10 @@ class Session:
                 self.outbox.put(Frame.of(encode(Pong(nonce=frame.nonce))))
                 continue
             try:
+                if isinstance(frame, MessageFrame):
+                    self.hub.check_writable()
                 actor = await self.hub.get(self.cid)
-            except SteerwayError as exc:  # the actor had to be reloaded and the store is down
+            except SteerwayError as exc:  # the store is down
                 exc.client_msg_id = getattr(frame, "client_msg_id", None)
                 self._error(exc)
                 continue
