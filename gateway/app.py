@@ -46,6 +46,7 @@ def create_app(
         raise ValueError(f"default runner {settings.runner!r} is not one of {runners.names()}")
     metrics = Metrics()
     hub = ConversationHub(settings, store, bus or MemoryBus(), runners, metrics)
+    metrics.store_batches.set_function(lambda: hub.committer.batches)
     api = Api(hub)
 
     async def healthz(request: Request) -> Response:

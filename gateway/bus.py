@@ -8,7 +8,6 @@ receives those same objects.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Protocol
 
 from gateway.outbox import Frame
@@ -29,22 +28,16 @@ class Bus(Protocol):
     def count(self, conversation_id: str) -> int:
         """Subscribers of a conversation on this node."""
 
-    def counts(self) -> dict[str, int]:
-        """Subscribers per conversation on this node."""
-
 
 class MemoryBus:
     """The in-process bus: a set of subscribers per conversation."""
 
     def __init__(self) -> None:
         self._subs: dict[str, dict[Subscriber, None]] = {}
-        self.on_change: Callable[[str, int], None] | None = None  # client count changes
 
     def subscribe(self, conversation_id: str, subscriber: Subscriber) -> None:
         subs = self._subs.setdefault(conversation_id, {})
         subs[subscriber] = None
-        if self.on_change is not None:
-            self.on_change(conversation_id, len(subs))
 
     def unsubscribe(self, conversation_id: str, subscriber: Subscriber) -> None:
         subs = self._subs.get(conversation_id)
@@ -53,8 +46,6 @@ class MemoryBus:
         del subs[subscriber]
         if not subs:
             del self._subs[conversation_id]
-        if self.on_change is not None:
-            self.on_change(conversation_id, len(subs))
 
     def publish(self, conversation_id: str, frames: list[Frame]) -> None:
         subs = self._subs.get(conversation_id)
@@ -64,6 +55,3 @@ class MemoryBus:
 
     def count(self, conversation_id: str) -> int:
         return len(self._subs.get(conversation_id, ()))
-
-    def counts(self) -> dict[str, int]:
-        return {cid: len(subs) for cid, subs in self._subs.items()}

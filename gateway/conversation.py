@@ -183,7 +183,6 @@ class ConversationActor:
                 metrics.runs.labels(run.status.value).inc()
         for outcome, count in fx.steering.items():
             metrics.steering.labels(outcome).inc(count)
-        self.hub.conversation_changed(self)
 
     async def _handle(
         self,
@@ -341,7 +340,6 @@ class ConversationHub:
         self.committer = GroupCommitter(store)
         self.actors: dict[str, ConversationActor] = {}
         self._loading: dict[str, asyncio.Future[ConversationActor]] = {}
-        self.on_conversation_change: Callable[[ConversationActor], None] | None = None
 
     def start(self) -> None:
         self.committer.start()
@@ -386,10 +384,6 @@ class ConversationHub:
     def forget(self, actor: ConversationActor) -> None:
         if self.actors.get(actor.conversation_id) is actor:
             del self.actors[actor.conversation_id]
-
-    def conversation_changed(self, actor: ConversationActor) -> None:
-        if self.on_conversation_change is not None:
-            self.on_conversation_change(actor)
 
     def check_writable(self) -> None:
         """Refuse new messages at once while store writes are failing: the actor is busy

@@ -36,7 +36,7 @@ class Metrics:
         self.slow_consumers = Counter(
             "steerway_slow_consumer_closes", "Clients closed with 4008", registry=r
         )
-        self.store_batches = Counter(
+        self.store_batches = Gauge(
             "steerway_store_batches", "Group commits written to the store", registry=r
         )
 
