@@ -345,11 +345,15 @@ class ConversationHub:
         self.committer.start()
 
     async def stop(self) -> None:
+        """Stop every actor and the runs it drives, then flush pending writes."""
         for actor in list(self.actors.values()):
+            drivers = list(actor.drivers.values())
             if actor.task is not None:
                 actor.task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await actor.task
+            for driver in drivers:
+                await driver.wait()
         await self.committer.stop()
 
     async def get(self, conversation_id: str) -> ConversationActor:

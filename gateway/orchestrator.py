@@ -119,10 +119,12 @@ class RunDriver:
         if self._task is not None and not self._task.done():
             self._task.cancel()
 
-    async def wait(self) -> None:
+    async def wait(self, timeout: float = 1.0) -> None:
+        """Wait for the runner's task to finish, at most `timeout` (a runner that
+        swallows its cancellation is left behind rather than holding up the caller)."""
         if self._task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._task), timeout)
 
     def _expire(self, reason: Literal["deadline", "idle"]) -> None:
         if self._ended:
