@@ -150,7 +150,10 @@ class ConversationActor:
         for item in batch:
             try:
                 await self._handle(item, replies, born, pending)
-            except Exception as exc:  # a bug or a store failure must not take the actor down
+            except StoreError as exc:
+                log.warning("conversation %s: store unavailable: %s", self.conversation_id, exc)
+                _fail(item, exc)
+            except Exception as exc:  # a bug must not take the actor down
                 log.exception("conversation %s: input %s failed", self.conversation_id, item)
                 _fail(item, exc)
         fx = self.machine.take_effects()
@@ -218,10 +221,12 @@ class ConversationActor:
         now: int,
     ) -> None:
         reply = item.reply
-        if not self.hub.committer.healthy:
-            reply(StoreUnavailable("the store is unavailable; nothing was stored"))
-            return
         key = item.frame.client_msg_id
+        if not self.hub.committer.healthy:
+            reply(
+                StoreUnavailable("the store is unavailable; nothing was stored", client_msg_id=key)
+            )
+            return
         first: UserMessage | None = pending.get(key) or self._acks.get(key)
         if first is None:
             # One indexed read per new message: also how a store outage is noticed

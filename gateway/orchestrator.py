@@ -119,12 +119,13 @@ class RunDriver:
         if self._task is not None and not self._task.done():
             self._task.cancel()
 
-    async def wait(self, timeout: float = 1.0) -> None:
-        """Wait for the runner's task to finish, at most `timeout` (a runner that
-        swallows its cancellation is left behind rather than holding up the caller)."""
+    async def wait(self) -> None:
+        """Wait for the runner's task to finish, at most a second (a runner that swallows
+        its cancellation is left behind rather than holding up the caller)."""
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._task), timeout)
+                async with asyncio.timeout(1.0):
+                    await asyncio.shield(self._task)
 
     def _expire(self, reason: Literal["deadline", "idle"]) -> None:
         if self._ended:
@@ -144,11 +145,18 @@ class RunDriver:
 
     async def _drive(self) -> None:
         run = self.run
+        try:
+            messages = await self._transcript()
+        except Exception as exc:  # the store failed as the run started: retryable
+            log.warning("run %s: transcript unavailable: %s", run.run_id, exc)
+            lost = RunError(code="store_unavailable", message=str(exc)[:500], retryable=True)
+            await self._post(RunFinished(run.run_id, lost))
+            return
         ctx = RunContext(
             run_id=run.run_id,
             conversation_id=run.conversation_id,
             runner=run.runner,
-            messages=await self._transcript(),
+            messages=messages,
             triggers=[SteeringMessage(t.message_id, t.text, t.author, t.ts) for t in run.triggers],
             steering=_Inbox(run, self._post),
             deadline_ms=now_ms() + int(self._deadline_s * 1000),

@@ -15,7 +15,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.protocol.frames import MessageDelta, coalesce, encode
+from gateway.protocol.frames import CoalescedDelta, MessageDelta, coalesce, encode
 
 
 @dataclass(slots=True, eq=False)
@@ -84,7 +84,12 @@ class Outbox:
         self._bytes += frame.size
         if len(self._q) > self.max_frames or self._bytes > self.max_bytes:
             self._merge()
-            if len(self._q) > self.max_frames or self._bytes > self.max_bytes:
+            # One frame alone is always taken, however large (a result of up to 1 MiB
+            # makes an event a little over it): only a backlog overflows, and a merged
+            # delta over the bound is one (else it would grow with the message, unbounded).
+            alone = len(self._q) == 1 and not isinstance(self._q[0].delta, CoalescedDelta)
+            backlog = self._bytes > self.max_bytes and not alone
+            if len(self._q) > self.max_frames or backlog:
                 self.overflowed = True
                 self._q.clear()
                 self._bytes = 0

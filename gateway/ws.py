@@ -38,6 +38,18 @@ from gateway.protocol.frames import (
 
 log = logging.getLogger("steerway.ws")
 
+
+class _DenialLogFilter(logging.Filter):
+    """uvicorn's websockets-sansio protocol logs "returned without completing handshake"
+    after a denial response it has sent correctly (it never marks the handshake done on
+    that path); every refusal of ours is such a response, so the line is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "without completing handshake" not in record.getMessage()
+
+
+logging.getLogger("uvicorn.error").addFilter(_DenialLogFilter())
+
 Scope = dict[str, Any]
 Message = dict[str, Any]
 REPLAY_PAGE = 500
@@ -88,7 +100,8 @@ class ConversationSocket:
         if (await receive())["type"] != "websocket.connect":
             return
         cid = scope["path_params"]["conversation_id"]
-        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        # blank values kept: `after=` is not an integer (400), as in REST
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
         try:
             if not is_conversation_id(cid):
                 raise BadRequest(400, ErrorCode.INVALID_FRAME, "illegal conversation id")

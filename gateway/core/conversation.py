@@ -99,7 +99,9 @@ class ConversationMachine:
         self.default_runner = default_runner
         self.runner = runner  # fixed by the conversation's first message
         self.active: Run | None = None
-        self.queue: deque[Run] = deque()  # follow-ups first, then user-queued runs
+        # Runs waiting to start, in order. Follow-ups never wait here: one starts the
+        # moment the run that left its steering ends, ahead of everything queued.
+        self.queue: deque[Run] = deque()
         self.fx = Effects()
 
     # ------------------------------------------------------------------ reading
@@ -110,7 +112,7 @@ class ConversationMachine:
 
     @property
     def queued_user_runs(self) -> int:
-        return sum(1 for r in self.queue if r.kind is not RunKind.FOLLOW_UP)
+        return len(self.queue)
 
     def live_run(self, run_id: str) -> Run | None:
         if self.active is not None and self.active.run_id == run_id:

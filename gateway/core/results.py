@@ -25,6 +25,8 @@ from gateway.protocol.frames import (
     DeltaData,
     ResultData,
     RunCompletedData,
+    RunFailedData,
+    result_size,
     validate_result_data,
 )
 
@@ -87,7 +89,10 @@ class ResultNormalizer:
             warnings.append(f"dropped {kind}: {where}: {first['msg']}")
             return Outcome(None, warnings)
         result = Result(kind, data, seq, usage)
-        size = _size(raw)
+        size = result_size(raw)
+        if size < 0:
+            warnings.append(f"dropped {kind}: not encodable as JSON")
+            return Outcome(None, warnings)
         if size > MAX_RESULT_BYTES and not _truncate(result, size - MAX_RESULT_BYTES):
             warnings.append(f"dropped {kind}: {size} bytes, over the 1 MiB limit")
             return Outcome(None, warnings)
@@ -112,31 +117,39 @@ class ResultNormalizer:
         return seq
 
 
-def _size(raw: Mapping[Any, Any]) -> int:
-    try:
-        return len(orjson.dumps(raw, option=orjson.OPT_NON_STR_KEYS))
-    except TypeError:
-        return 0  # not JSON at all is caught by the schema; sizes only matter for JSON
-
-
 def _cut(text: str, excess: int) -> str:
-    """Cut `text` so that its JSON encoding shrinks by at least `excess` bytes."""
-    while excess > 0 and text:
-        encoded = len(orjson.dumps(text))
-        keep = max(0, len(text) - max(excess, 1))
-        text = text[:keep]
-        excess -= encoded - len(orjson.dumps(text))
-    return text
+    """Cut `text` so that its JSON encoding shrinks by at least `excess` bytes, keeping
+    about as much as fits (not `excess` characters: a character may take up to 6 bytes)."""
+    size = len(orjson.dumps(text))
+    target = size - excess  # the largest encoding to keep
+    # A first guess in proportion to the average size of a character, then cut what is
+    # still over: each character cut takes at least one byte with it.
+    keep = min(len(text), max(0, (target - 2) * len(text) // max(1, size - 2)))
+    while keep > 0:
+        over = len(orjson.dumps(text[:keep])) - target
+        if over <= 0:
+            break
+        keep = max(0, keep - over)
+    return text[:keep]
 
 
 def _truncate(result: Result, excess: int) -> bool:
-    """Cut the text a result carries by `excess` bytes; False when it carries none."""
+    """Cut the text a result carries by `excess` bytes; False when it carries none, or too
+    little to bring the result under the limit."""
     data = result.data
     if isinstance(data, DeltaData):
+        if len(orjson.dumps(data.chunk)) - 2 < excess:
+            return False  # even an empty text leaves the result over the limit
         data.chunk = _cut(data.chunk, excess)
     elif isinstance(data, CompletedData | RunCompletedData) and data.message is not None:
+        if len(orjson.dumps(data.message.content)) - 2 < excess:
+            return False
         content = _cut(data.message.content, excess)
         data.message = AssistantMessage(content=content)
+    elif isinstance(data, RunFailedData):
+        if len(orjson.dumps(data.error)) - 2 < excess:
+            return False
+        data.error = _cut(data.error, excess)
     else:
         return False
     result.truncated = True

@@ -117,7 +117,8 @@ def _frame_error(exc: ValidationError, client_msg_id: str | None) -> FrameError:
 
 def _valid_msg_id(obj: dict[str, Any]) -> str | None:
     value = obj.get("client_msg_id")
-    if isinstance(value, str) and 0 < len(value) <= 64 and re.match(_ID_CHARS, value):
+    # fullmatch: `$` in re.match would accept a trailing newline ("m1\n")
+    if isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9._:-]{1,64}", value):
         return value
     return None
 
@@ -404,7 +405,9 @@ def validate_result_data(kind: str, data: object) -> ResultData:
 
 
 def result_size(result: object) -> int:
-    """Bytes of a runner result's JSON encoding (section 10: over 1 MiB is truncated)."""
+    """Bytes of a runner result's JSON encoding (section 10: over 1 MiB is truncated);
+    -1 when it is not JSON (an object in an `Any` field, an integer beyond 64 bits, a
+    lone surrogate, a key that is not a string): no event could carry it to a client."""
     try:
         return len(orjson.dumps(result, default=_model_default))
     except TypeError:
