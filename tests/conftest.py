@@ -28,7 +28,9 @@ TIMEOUT = 10.0
 
 
 def free_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY on accepted sockets only when the
+    # listening socket says TCP, and without it back-to-back small writes stall ~40 ms.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     sock.listen(128)
@@ -53,8 +55,8 @@ class Client:
     async def message(self, text: str, client_msg_id: str, **fields: Any) -> None:
         await self.send({"type": "message", "client_msg_id": client_msg_id, "text": text, **fields})
 
-    async def recv(self, timeout: float = TIMEOUT) -> dict[str, Any]:
-        raw = await asyncio.wait_for(self.ws.recv(), timeout)
+    async def recv(self, within: float = TIMEOUT) -> dict[str, Any]:
+        raw = await asyncio.wait_for(self.ws.recv(), within)
         assert isinstance(raw, str), "the server sent a binary frame"
         self.raw.append(raw)
         frame: dict[str, Any] = orjson.loads(raw)
@@ -62,19 +64,19 @@ class Client:
         return frame
 
     async def until(
-        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = TIMEOUT
+        self, predicate: Callable[[dict[str, Any]], bool], within: float = TIMEOUT
     ) -> dict[str, Any]:
         """Receive until a frame matches; every frame seen stays in `frames`."""
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(within):
             while True:
-                frame = await self.recv(timeout)
+                frame = await self.recv(within)
                 if predicate(frame):
                     return frame
 
-    async def until_type(self, kind: str, timeout: float = TIMEOUT, **match: Any) -> dict[str, Any]:
+    async def until_type(self, kind: str, within: float = TIMEOUT, **match: Any) -> dict[str, Any]:
         return await self.until(
             lambda f: f.get("type") == kind and all(f.get(k) == v for k, v in match.items()),
-            timeout,
+            within,
         )
 
     def events(self) -> list[dict[str, Any]]:
