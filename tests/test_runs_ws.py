@@ -17,6 +17,8 @@ import orjson
 import pytest
 
 from gateway.runners.base import RunContext
+from store.base import StoreError, TurnRecord
+from store.memory import MemoryStore
 from tests.conftest import Client, Gateway, run_gateway
 from tests.helpers import (
     END,
@@ -509,6 +511,36 @@ async def test_a_generator_that_just_returns_completes_the_run() -> None:
         ack, _ = await start(client, "go", "m1", runner="fed")
         ended = await expect(client, "run.ended", run_id=ack["run_id"])
         assert (ended["status"], ended["reason"]) == ("completed", "completed")
+
+
+class TranscriptDown(MemoryStore):
+    """Fails the next transcript read: the store goes away just as a run starts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail_transcript = True
+
+    async def transcript(self, conversation_id: str) -> list[TurnRecord]:
+        if self.fail_transcript:
+            self.fail_transcript = False
+            raise StoreError("transcript read failed")
+        return await super().transcript(conversation_id)
+
+
+async def test_a_store_failure_as_the_run_starts_fails_it_retryable() -> None:
+    store = TranscriptDown()
+    async with run_gateway(store=store) as gw, gw.connect("nostore", after=0) as client:
+        ack, _ = await start(client, "a b", "m1")
+        ended = await expect(client, "run.ended", run_id=ack["run_id"])
+        assert (ended["status"], ended["reason"]) == ("failed", "store_unavailable")
+        assert ended["error"] == {
+            "code": "store_unavailable",
+            "message": "transcript read failed",
+            "retryable": True,
+        }
+        ack2, _ = await start(client, "a b", "m2")
+        done = await expect(client, "message.completed", run_id=ack2["run_id"])
+        assert done["message"]["content"] == "echo: a b"
 
 
 async def test_echo_fail_ends_failed_demo_failure(gw: Gateway) -> None:
