@@ -32,6 +32,7 @@ class Settings(BaseModel):
     run_deadline_s: float = Field(300.0, gt=0)
     run_idle_s: float = Field(60.0, gt=0)
     actor_idle_s: float = Field(30.0, gt=0, description="an idle conversation's actor stops")
+    node: str = Field("", description="this node's name on the runs it owns (default host:pid)")
     web_dir: Path = _REPO_WEB
     log_level: str = "info"
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -94,7 +96,7 @@ class ConversationActor:
         self.machine = ConversationMachine(
             record.conversation_id, hub.runners.spec, hub.settings.runner, record.runner
         )
-        self.log = EventLog(record.conversation_id, record.head, hub.committer, hub.bus)
+        self.log = EventLog(record.conversation_id, record.head, hub.committer, hub.bus, hub.node)
         self.mailbox: asyncio.Queue[Input] = asyncio.Queue(MAILBOX_SIZE)
         self.drivers: dict[str, RunDriver] = {}
         self._acks: _Lru = _Lru()
@@ -343,6 +345,7 @@ class ConversationHub:
         self.runners = runners
         self.metrics = metrics
         self.committer = GroupCommitter(store)
+        self.node = settings.node or f"{socket.gethostname()}:{os.getpid()}"
         self.actors: dict[str, ConversationActor] = {}
         self._loading: dict[str, asyncio.Future[ConversationActor]] = {}
 

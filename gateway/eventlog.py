@@ -12,16 +12,17 @@ from __future__ import annotations
 from gateway.bus import Bus
 from gateway.core.conversation import Effects
 from gateway.outbox import Frame
-from gateway.protocol.frames import MessageDelta, UserMessage, encode
+from gateway.protocol.frames import MessageCompleted, MessageDelta, UserMessage, encode
 from store.base import ConversationRecord, EventRecord, TurnRecord, WriteBatch
 from store.commit import GroupCommitter
 
 
 class EventLog:
     def __init__(
-        self, conversation_id: str, head: int, committer: GroupCommitter, bus: Bus
+        self, conversation_id: str, head: int, committer: GroupCommitter, bus: Bus, node: str
     ) -> None:
         self.conversation_id = conversation_id
+        self._node = node
         self.head = head  # the last offset assigned
         self.published = head  # the last offset stored and handed to the bus
         self._committer = committer
@@ -57,13 +58,23 @@ class EventLog:
                     client_msg_id=event.client_msg_id if isinstance(event, UserMessage) else None,
                 )
             )
+        # user.message and message.completed carry the message id of their turn
+        offsets = {
+            event.message_id: event.offset
+            for event in fx.events
+            if isinstance(event, UserMessage | MessageCompleted)
+        }
         conversation.head = self.head
         batch = WriteBatch(
+            node=self._node,
             events=records,
             runs=[run.document() for run in fx.runs.values()],
             conversations=[conversation],
             turns=[
-                TurnRecord(cid, t.role, t.content, t.message_id, t.run_id, t.ts) for t in fx.turns
+                TurnRecord(
+                    cid, t.role, t.content, t.message_id, t.run_id, t.ts, offsets[t.message_id]
+                )
+                for t in fx.turns
             ],
         )
         await self._committer.write(batch)

@@ -31,6 +31,7 @@ class TurnRecord:
     message_id: str
     run_id: str
     ts: int
+    offset: int  # of the event it comes from: transcripts are in offset order
 
     def document(self) -> dict[str, Any]:
         return {
@@ -68,6 +69,7 @@ class WriteBatch:
     runs: list[dict[str, Any]] = field(default_factory=list)  # run documents, upserted by run_id
     conversations: list[ConversationRecord] = field(default_factory=list)
     turns: list[TurnRecord] = field(default_factory=list)
+    node: str = ""  # the node that wrote it: stored on run documents as their owner
 
     def extend(self, other: WriteBatch) -> None:
         self.events.extend(other.events)
@@ -85,7 +87,12 @@ class Store(Protocol):
     async def ping(self) -> None:
         """Return when the backend answers; raise StoreError otherwise."""
 
-    async def get_conversation(self, conversation_id: str) -> ConversationRecord | None: ...
+    async def get_conversation(self, conversation_id: str) -> ConversationRecord | None:
+        """The conversation document as last written (its `head` may lag the events by
+        the one batch a crash interrupted: see `last_offset`)."""
+
+    async def last_offset(self, conversation_id: str) -> int:
+        """The offset of the conversation's newest stored event; 0 when it has none."""
 
     async def read_events(self, conversation_id: str, after: int, limit: int) -> list[str]:
         """Payloads of the events with offset > after, ascending, at most `limit`."""
@@ -106,6 +113,13 @@ class Store(Protocol):
         self, status: str | None, conversation_id: str | None, limit: int, before: str | None
     ) -> list[dict[str, Any]]:
         """Newest first (run ids are time-ordered); `before` is the last run id seen."""
+
+    async def live_runs(self, conversation_id: str | None) -> list[dict[str, Any]]:
+        """Run documents with status queued or running (of one conversation, or all),
+        oldest first."""
+
+    async def run_events(self, conversation_id: str, run_id: str) -> list[str]:
+        """Payloads of every event of one run, ascending by offset."""
 
     async def close(self) -> None: ...
 

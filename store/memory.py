@@ -14,6 +14,7 @@ class MemoryStore:
     def __init__(self) -> None:
         self._events: dict[str, list[str]] = {}
         self._keys: dict[tuple[str, str], int] = {}  # (conversation, client_msg_id) -> offset
+        self._by_run: dict[tuple[str, str], list[int]] = {}  # (conversation, run) -> offsets
         self._conversations: dict[str, ConversationRecord] = {}
         self._runs: dict[str, dict[str, Any]] = {}
         self._turns: dict[str, list[TurnRecord]] = {}
@@ -33,6 +34,8 @@ class MemoryStore:
             if ev.offset != len(log) + 1:
                 raise StoreError(f"{ev.conversation_id}: offset {ev.offset} after {len(log)}")
             log.append(ev.payload)
+            if ev.run_id is not None:
+                self._by_run.setdefault((ev.conversation_id, ev.run_id), []).append(ev.offset)
             if ev.client_msg_id is not None:
                 self._keys.setdefault((ev.conversation_id, ev.client_msg_id), ev.offset)
         for run in batch.runs:
@@ -56,6 +59,10 @@ class MemoryStore:
         self._check()
         log = self._events.get(conversation_id, [])
         return log[max(after, 0) : max(after, 0) + limit]
+
+    async def last_offset(self, conversation_id: str) -> int:
+        self._check()
+        return len(self._events.get(conversation_id, []))
 
     async def find_client_message(self, conversation_id: str, client_msg_id: str) -> str | None:
         self._check()
@@ -101,6 +108,20 @@ class MemoryStore:
             if len(out) >= limit:
                 break
         return out
+
+    async def live_runs(self, conversation_id: str | None) -> list[dict[str, Any]]:
+        self._check()
+        return [
+            copy.deepcopy(run)
+            for run_id, run in sorted(self._runs.items())
+            if run["status"] in ("queued", "running")
+            and conversation_id in (None, run["conversation_id"])
+        ]
+
+    async def run_events(self, conversation_id: str, run_id: str) -> list[str]:
+        self._check()
+        log = self._events.get(conversation_id, [])
+        return [log[offset - 1] for offset in self._by_run.get((conversation_id, run_id), [])]
 
     async def close(self) -> None:
         return None
