@@ -26,6 +26,7 @@ from gateway.bus import Bus
 from gateway.config import Settings
 from gateway.core.conversation import ConversationMachine, Effects
 from gateway.core.ids import now_ms
+from gateway.core.recovery import Recovered, rebuild
 from gateway.core.routing import Refusal
 from gateway.core.runs import RunStatus, UserText
 from gateway.errors import RoutingError, SteerwayError, StoreUnavailable
@@ -66,7 +67,14 @@ class Cancel:
     reply: Callable[[SteerwayError | None], None]
 
 
-Input = Submit | Cancel | DriverInput
+@dataclass(slots=True)
+class Recover:
+    """The first input of an actor whose conversation a stopped gateway left live."""
+
+    state: Recovered
+
+
+Input = Submit | Cancel | Recover | DriverInput
 
 
 def _ack(event: UserMessage, duplicate: bool = False) -> Ack:
@@ -214,6 +222,8 @@ class ConversationActor:
             machine.timeout(item.run_id, item.reason, now)
         elif isinstance(item, RunFinished):
             machine.runner_finished(item.run_id, item.error, now)
+        elif isinstance(item, Recover):
+            machine.restore(item.state, now)
 
     async def _submit(
         self,
@@ -376,12 +386,12 @@ class ConversationHub:
         self._loading[conversation_id] = future
         try:
             try:
-                record = await self.store.get_conversation(conversation_id)
+                record, recovered = await self._load(conversation_id)
             except StoreError as exc:
                 raise StoreUnavailable(f"the store is unavailable: {exc}") from None
-            if record is None:
-                record = ConversationRecord(conversation_id, head=0, last_activity=now_ms())
             actor = ConversationActor(self, record)
+            if recovered:
+                actor.mailbox.put_nowait(Recover(recovered))
             self.actors[conversation_id] = actor
             actor.task = asyncio.create_task(actor.run(), name=f"conversation-{conversation_id}")
             future.set_result(actor)
@@ -392,6 +402,46 @@ class ConversationHub:
             raise
         finally:
             del self._loading[conversation_id]
+
+    async def _load(self, conversation_id: str) -> tuple[ConversationRecord, Recovered]:
+        """A conversation's record, and what a stopped gateway left live in it: its live
+        runs, and the runs named by events that its documents do not reflect yet."""
+        store = self.store
+        record = await store.get_conversation(conversation_id)
+        head = await store.last_offset(conversation_id)
+        if record is None:
+            record = ConversationRecord(conversation_id, head=0, last_activity=now_ms())
+        docs = {doc["run_id"]: doc for doc in await store.live_runs(conversation_id)}
+        candidates = set(docs)
+        after = record.head
+        while after < head:  # the tail a crash left ahead of the documents: one batch at most
+            page = await store.read_events(conversation_id, after, head - after)
+            if not page:
+                break
+            candidates.update(
+                ev["run_id"] for ev in map(orjson.loads, page) if ev.get("run_id") is not None
+            )
+            after += len(page)
+        record.head = head
+        events = {
+            run_id: [orjson.loads(p) for p in await store.run_events(conversation_id, run_id)]
+            for run_id in candidates
+        }
+        return record, rebuild(events, docs, self.settings.runner)
+
+    async def recover(self) -> None:
+        """Take over every conversation a stopped gateway left with live runs, so that
+        queued runs and waiting steering run without waiting for a client."""
+        try:
+            live = await self.store.live_runs(None)
+        except StoreError as exc:
+            log.error("recovery deferred, the store is unavailable: %s", exc)
+            return
+        for conversation_id in dict.fromkeys(doc["conversation_id"] for doc in live):
+            try:
+                await self.get(conversation_id)
+            except SteerwayError as exc:
+                log.error("conversation %s: recovery failed: %s", conversation_id, exc)
 
     def forget(self, actor: ConversationActor) -> None:
         if self.actors.get(actor.conversation_id) is actor:

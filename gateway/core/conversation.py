@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Literal, cast
 
 from gateway.core.ids import new_id
+from gateway.core.recovery import Recovered
 from gateway.core.results import Result
 from gateway.core.routing import Refusal, Route, RoutingView, decide
 from gateway.core.runs import Run, RunKind, RunStatus, UserText
@@ -188,6 +189,25 @@ class ConversationMachine:
             self._start(run, now)
         return event, route
 
+    def restore(self, state: Recovered, now: int) -> None:
+        """Take over what a stopped gateway left (gateway.core.recovery): end the runs it
+        was running `failed`/`gateway_restart`, then carry on as section 5.4 says."""
+        if state.runner is not None and self.runner is None:
+            self.runner = state.runner
+        for run in state.settled:
+            self._changed(run)
+        self.queue.extend(state.queue)
+        error = RunError(
+            code="gateway_restart",
+            message="the gateway restarted while the run was active",
+            retryable=True,
+        )
+        carry: list[UserText] = []
+        for run in state.interrupted:
+            self.active = run
+            carry += self._end(run, RunStatus.FAILED, "gateway_restart", now, error, False)
+        self._start_next(carry + state.leftover, now)
+
     def cancel(self, run_id: str | None, now: int) -> bool:
         """Cancel the active run (run_id None) or a live run of this conversation.
 
@@ -347,8 +367,11 @@ class ConversationMachine:
         now: int,
         error: RunError | None = None,
         start_next: bool = True,
-    ) -> None:
-        """End a run exactly once: leftover steering, `run.ended`, then what runs next (5.4)."""
+    ) -> list[UserText]:
+        """End a run exactly once: leftover steering, `run.ended`, then what runs next (5.4).
+
+        With `start_next` False nothing is started: steering to carry into a follow-up
+        is returned to the caller instead."""
         leftover = run.take_steering(len(run.steering))
         carry: list[UserText] = []
         if leftover:
@@ -386,9 +409,16 @@ class ConversationMachine:
         self.fx.stop.append(run.run_id)
         if run is not self.active:
             self.queue.remove(run)
-            return
+            return []
         self.active = None
+        if not start_next:
+            return carry
+        self._start_next(carry, now)
+        return []
+
+    def _start_next(self, carry: list[UserText], now: int) -> None:
+        """With nothing active: a follow-up for `carry`, else the next queued run."""
         if carry:
             self._start(self._new_run(new_id("run"), RunKind.FOLLOW_UP, carry, now), now)
-        elif start_next and self.queue:
+        elif self.queue:
             self._start(self.queue.popleft(), now)
