@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import sys
 from collections.abc import Sequence
@@ -11,6 +12,7 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.config import Settings
+from gateway.wsserver import SteerwayWebSocketProtocol
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,13 +42,17 @@ def serve(settings: Settings) -> None:
         level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
     )
     app = create_app(settings)
+    # Everything imported so far lives as long as the process: keep it out of the
+    # collector's way (full collections of it cost 25-45 ms pauses under load).
+    gc.collect()
+    gc.freeze()
     uvicorn.run(
         app,
         host=settings.host,
         port=settings.port,
         loop="uvloop",
         http="httptools",
-        ws="websockets-sansio",
+        ws=SteerwayWebSocketProtocol,
         ws_max_size=settings.max_frame_bytes,
         ws_per_message_deflate=settings.ws_compression,
         log_level=settings.log_level,

@@ -1,21 +1,24 @@
 """Per-client delivery: a bounded send queue that merges deltas when the client lags.
 
 Events are encoded once, into a `Frame` that every client's outbox shares (the
-text and the ASGI message dict alike).  An outbox holds at most `max_frames`
-frames or `max_bytes` bytes; when a put goes over, consecutive `message.delta`
-frames of one message still queued are merged (PROTOCOL.md section 6), and if
-the client is still over the bound it is marked `overflowed`: its writer closes
-it with 4008 and nothing else waits for it.
+text, the ASGI message dict and the WebSocket frame alike).  While a client keeps
+up, a frame goes straight to its socket (`direct`) and the queue stays empty.
+An outbox holds at most `max_frames` frames or `max_bytes` bytes; when a put
+goes over, consecutive `message.delta` frames of one message still queued are
+merged (PROTOCOL.md section 6), and if the client is still over the bound it is
+marked `overflowed`: its writer closes it with 4008 and nothing else waits for it.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.protocol.frames import CoalescedDelta, MessageDelta, coalesce, encode
+from gateway.wsserver import text_frame
 
 
 @dataclass(slots=True, eq=False)
@@ -28,6 +31,7 @@ class Frame:
     delta: MessageDelta | None = None  # set on message.delta, for merging
     born: float = 0.0  # perf_counter() of the runner result behind it; 0 when none
     message: dict[str, Any] = field(init=False)  # the ASGI send message, built once
+    _framed: bytes | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.message = {"type": "websocket.send", "text": self.text}
@@ -35,6 +39,12 @@ class Frame:
     @classmethod
     def of(cls, data: bytes, offset: int = 0, delta: MessageDelta | None = None) -> Frame:
         return cls(data.decode(), len(data), offset, delta)
+
+    def framed(self) -> bytes:
+        """The whole WebSocket frame, built on first use and shared by every client."""
+        if self._framed is None:
+            self._framed = text_frame(self.text.encode())
+        return self._framed
 
 
 class Outbox:
@@ -46,6 +56,7 @@ class Outbox:
         "_q",
         "_waiter",
         "closed",
+        "direct",
         "floor",
         "max_bytes",
         "max_frames",
@@ -64,6 +75,9 @@ class Outbox:
         self.overflowed = False
         self.closed = False
         self.merged = 0  # frames saved by merging, for metrics and tests
+        # Writes a frame to the socket at once, or says False: used only while the queue is
+        # empty and its writer is parked, so that order is kept.
+        self.direct: Callable[[Frame], bool] | None = None
 
     def __len__(self) -> int:
         return len(self._q)
@@ -80,6 +94,10 @@ class Outbox:
             if frame.offset <= self.floor:
                 return  # already sent by the replay: every offset exactly once
             self.floor = frame.offset
+        if not self._q and self.direct is not None:
+            waiter = self._waiter
+            if waiter is not None and not waiter.done() and self.direct(frame):
+                return
         self._q.append(frame)
         self._bytes += frame.size
         if len(self._q) > self.max_frames or self._bytes > self.max_bytes:

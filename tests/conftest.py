@@ -22,6 +22,7 @@ from gateway.config import Settings
 from gateway.conversation import ConversationHub
 from gateway.runners.echo import EchoRunner
 from gateway.runners.registry import RunnerRegistry
+from gateway.wsserver import SteerwayWebSocketProtocol
 from store.memory import MemoryStore
 
 TIMEOUT = 10.0
@@ -154,7 +155,7 @@ async def run_gateway(
             app,
             loop="asyncio",
             http="h11",
-            ws="websockets-sansio",
+            ws=SteerwayWebSocketProtocol,
             ws_max_size=config.max_frame_bytes,
             ws_per_message_deflate=config.ws_compression,
             lifespan="on",

@@ -60,7 +60,8 @@ async def test_each_event_is_encoded_once_and_the_same_message_is_sent_to_all(
 ) -> None:
     encoded: Counter[str] = Counter()  # event type -> model encodings
     event_frames: list[Frame] = []
-    sent: dict[int, list[dict[str, Any]]] = {}  # id(session) -> the event messages it sent
+    # id(session) -> what it sent for each event: the ASGI message, or the prebuilt frame
+    sent: dict[int, list[object]] = {}
 
     wire = Strict.wire
 
@@ -89,6 +90,16 @@ async def test_each_event_is_encoded_once_and_the_same_message_is_sent_to_all(
             await send(message)
 
         self.send = recording_send
+        prebuilt = getattr(self, "_prebuilt", None)
+        if prebuilt is not None:
+
+            def recording_prebuilt(data: bytes) -> bool:
+                if b'"offset"' in data:
+                    log.append(data)
+                written: bool = prebuilt(data)
+                return written
+
+            self._prebuilt = recording_prebuilt
 
     monkeypatch.setattr(Strict, "wire", counting_wire)
     monkeypatch.setattr(Frame, "of", classmethod(counting_of))
@@ -105,15 +116,25 @@ async def test_each_event_is_encoded_once_and_the_same_message_is_sent_to_all(
     # One model encoding and one shared frame per event, however many clients.
     assert encoded == Counter(RUN_KINDS)
     assert [f.offset for f in event_frames] == list(range(1, len(RUN_KINDS) + 1))
-    # Every session sent the very same ASGI message object for each event.
+    # Every session sent, for each event, the very same object: the shared ASGI message,
+    # or (the fast path, taken while a client keeps up) the shared prebuilt frame.
     assert len(sent) == n_clients
     per_session = list(sent.values())
-    shared = [frame.message for frame in event_frames]
     for log in per_session:
         # (the ack also carries an offset: it is this session's own frame)
-        events = [m for m in log if '"type":"ack"' not in m["text"]]
-        assert len(events) == len(shared)
-        assert all(m is s for m, s in zip(events, shared, strict=True))
+        events = [m for m in log if b'"type":"ack"' not in _payload(m)]
+        assert len(events) == len(event_frames)
+        for item, frame in zip(events, event_frames, strict=True):
+            assert item is frame.message or item is frame._framed
+    assert any(isinstance(item, bytes) for log in per_session for item in log)
+
+
+def _payload(item: object) -> bytes:
+    if isinstance(item, bytes):
+        return item
+    assert isinstance(item, dict)
+    text: str = item["text"]
+    return text.encode()
 
 
 async def test_the_bus_hands_the_same_frame_objects_to_every_subscriber(gw: Gateway) -> None:
