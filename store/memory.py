@@ -30,18 +30,34 @@ class MemoryStore:
         for ev in batch.events:
             log = self._events.setdefault(ev.conversation_id, [])
             if ev.offset <= len(log):
+                if log[ev.offset - 1] != ev.payload:
+                    raise StoreError(
+                        f"{ev.conversation_id}: offset {ev.offset} is already stored "
+                        "with another event"
+                    )
                 continue  # already written by an earlier try of this batch
             if ev.offset != len(log) + 1:
                 raise StoreError(f"{ev.conversation_id}: offset {ev.offset} after {len(log)}")
+            if (
+                ev.client_msg_id is not None
+                and (ev.conversation_id, ev.client_msg_id) in self._keys
+            ):
+                raise StoreError(
+                    f"{ev.conversation_id}: client_msg_id {ev.client_msg_id!r} is already "
+                    f"stored at another offset than {ev.offset}"
+                )
             log.append(ev.payload)
             if ev.run_id is not None:
                 self._by_run.setdefault((ev.conversation_id, ev.run_id), []).append(ev.offset)
             if ev.client_msg_id is not None:
-                self._keys.setdefault((ev.conversation_id, ev.client_msg_id), ev.offset)
+                self._keys[(ev.conversation_id, ev.client_msg_id)] = ev.offset
         for run in batch.runs:
             self._runs[run["run_id"]] = copy.deepcopy(run)
         for conv in batch.conversations:
+            stored = self._conversations.get(conv.conversation_id)
             self._conversations[conv.conversation_id] = copy.copy(conv)
+            if stored is not None and stored.head > conv.head:  # a head never goes back
+                self._conversations[conv.conversation_id].head = stored.head
         for turn in batch.turns:
             if (turn.conversation_id, turn.message_id) not in self._turn_ids:
                 self._turn_ids.add((turn.conversation_id, turn.message_id))
@@ -71,7 +87,7 @@ class MemoryStore:
 
     async def transcript(self, conversation_id: str) -> list[TurnRecord]:
         self._check()
-        return list(self._turns.get(conversation_id, []))
+        return sorted(self._turns.get(conversation_id, []), key=lambda turn: turn.offset)
 
     async def list_conversations(
         self, limit: int, before: tuple[int, str] | None
@@ -96,6 +112,8 @@ class MemoryStore:
     ) -> list[dict[str, Any]]:
         self._check()
         out: list[dict[str, Any]] = []
+        if limit <= 0:
+            return out
         for run_id in sorted(self._runs, reverse=True):
             run = self._runs[run_id]
             if before is not None and run_id >= before:

@@ -1,0 +1,427 @@
+"""The MongoDB store: PyMongo's async API (`AsyncMongoClient`), portable subset only.
+
+Four collections (docs/storage.md has the schema and the reasons):
+
+- `conversations`: `_id` = conversation id; `head`, `last_activity`, `runner`, `active_run`.
+- `events`: one document per event; `payload` is the exact JSON text sent on the wire.
+- `runs`: `_id` = run id; the run document, plus `node` (owner) and `heartbeat` (ms).
+- `transcripts`: one document per turn, `_id` = "<conversation id>:<message id>".
+
+Only what MongoDB, nx-27017 and mongoeco all do alike is used: plain, unique and
+sparse single-field indexes and plain compound ones, ordered `insert_many`,
+`bulk_write` upserts with `$set`/`$max`/`$setOnInsert`, finds with sort, limit and
+projection.  No transactions, partial indexes or Decimal128.
+
+A write is idempotent.  Events go first with an ordered `insert_many`, which stops at
+its first error: a duplicate key on (conversation, offset) means an earlier try of
+the same batch stored that event, so the documents already present are dropped and
+the rest inserted again, until none is left.  Runs, conversations and transcripts
+are upserts that give the same result when applied twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from bson.errors import BSONError
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, UpdateOne
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import BulkWriteError, CollectionInvalid, OperationFailure, PyMongoError
+
+from store.base import ConversationRecord, EventRecord, StoreError, TurnRecord, WriteBatch
+
+Document = dict[str, Any]
+
+DUPLICATE_KEY = 11000
+NAMESPACE_EXISTS = 48
+LIVE = ["queued", "running"]
+RUN_EXTRAS = {"_id": 0, "node": 0, "heartbeat": 0}  # stored on a run, not part of it
+
+# name -> (keys, options); created at open, idempotently
+INDEXES: dict[str, dict[str, tuple[list[tuple[str, int]], dict[str, Any]]]] = {
+    "events": {
+        # the log itself: reads after an offset, the newest offset; no offset twice
+        "conversation_offset": (
+            [("conversation_id", ASCENDING), ("offset", ASCENDING)],
+            {"unique": True},
+        ),
+        # the idempotency key of user.message. A compound sparse index would index
+        # every event (MongoDB indexes a document that has ANY of the keys, so two
+        # events without a key would collide on (id, null)): the key is one field,
+        # "<conversation id> <client_msg_id>", present only on user.message.
+        "client_key": ([("client_key", ASCENDING)], {"unique": True, "sparse": True}),
+        # the events of one run
+        "conversation_run_offset": (
+            [("conversation_id", ASCENDING), ("run_id", ASCENDING), ("offset", ASCENDING)],
+            {},
+        ),
+    },
+    "runs": {
+        # run_id, not _id, in compound keys: nx-27017 fails every write to a
+        # collection with `_id` in a compound index
+        "status_run": ([("status", ASCENDING), ("run_id", ASCENDING)], {}),
+        "conversation_run": ([("conversation_id", ASCENDING), ("run_id", ASCENDING)], {}),
+        "conversation_status": ([("conversation_id", ASCENDING), ("status", ASCENDING)], {}),
+    },
+    "conversations": {
+        "last_activity_conversation": (
+            [("last_activity", ASCENDING), ("conversation_id", ASCENDING)],
+            {},
+        ),
+    },
+    "transcripts": {
+        "conversation_offset": ([("conversation_id", ASCENDING), ("offset", ASCENDING)], {}),
+    },
+}
+
+
+def client_key(conversation_id: str, client_msg_id: str) -> str:
+    # a conversation id never contains a space (PROTOCOL.md section 1)
+    return f"{conversation_id} {client_msg_id}"
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    if len(text) > 200:
+        text = text[:200] + "…"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+@contextlib.contextmanager
+def _errors(what: str) -> Iterator[None]:
+    """Raise every driver error as StoreError."""
+    try:
+        yield
+    except StoreError:
+        raise
+    except (PyMongoError, BSONError, OverflowError) as exc:
+        raise StoreError(f"mongodb {what}: {_short(exc)}") from exc
+
+
+def _event_document(ev: EventRecord) -> Document:
+    doc: Document = {
+        "conversation_id": ev.conversation_id,
+        "offset": ev.offset,
+        "type": ev.type,
+        "ts": ev.ts,
+        "run_id": ev.run_id,
+        "payload": ev.payload,
+    }
+    if ev.client_msg_id is not None:  # absent, not null: the sparse index skips it
+        doc["client_msg_id"] = ev.client_msg_id
+        doc["client_key"] = client_key(ev.conversation_id, ev.client_msg_id)
+    return doc
+
+
+def _conversation(doc: Document) -> ConversationRecord:
+    return ConversationRecord(
+        conversation_id=doc["_id"],
+        head=doc["head"],
+        last_activity=doc["last_activity"],
+        runner=doc.get("runner"),
+        active_run=doc.get("active_run"),
+    )
+
+
+class MongoStore:
+    """A Store on MongoDB or a wire-compatible server. Open it with `await MongoStore.open(…)`."""
+
+    def __init__(self, client: AsyncMongoClient[Document], database: str) -> None:
+        self.client = client
+        self.db: AsyncDatabase[Document] = client[database]
+        self._events: AsyncCollection[Document] = self.db["events"]
+        self._runs: AsyncCollection[Document] = self.db["runs"]
+        self._conversations: AsyncCollection[Document] = self.db["conversations"]
+        self._transcripts: AsyncCollection[Document] = self.db["transcripts"]
+
+    @classmethod
+    async def open(
+        cls,
+        uri: str,
+        database: str = "steerway",
+        *,
+        timeout_ms: int = 2000,
+        socket_timeout_ms: int = 10_000,
+    ) -> MongoStore:
+        """Connect, create the collections and indexes that are missing, and return
+        the store. An unreachable server raises StoreError after about `timeout_ms`."""
+        try:
+            client: AsyncMongoClient[Document] = AsyncMongoClient(
+                uri,
+                serverSelectionTimeoutMS=timeout_ms,
+                connectTimeoutMS=timeout_ms,
+                socketTimeoutMS=socket_timeout_ms,
+                appname="steerway",
+            )
+        except (PyMongoError, ValueError) as exc:
+            raise StoreError(f"mongodb uri: {_short(exc)}") from exc
+        store = cls(client, database)
+        try:
+            await store._prepare()
+        except BaseException:
+            await client.close()
+            raise
+        return store
+
+    async def _prepare(self) -> None:
+        with _errors("create collections and indexes"):
+            existing = set(await self.db.list_collection_names())
+            for name in INDEXES:
+                if name in existing:
+                    continue
+                try:
+                    await self.db.create_collection(name)
+                except CollectionInvalid:
+                    pass  # created meanwhile by another node
+                except OperationFailure as exc:
+                    if exc.code != NAMESPACE_EXISTS:
+                        raise
+            for name, indexes in INDEXES.items():
+                for index_name, (keys, options) in indexes.items():
+                    await self.db[name].create_index(keys, name=index_name, **options)
+
+    # writes
+
+    async def write(self, batch: WriteBatch) -> None:
+        """Events, then runs, then conversations, then transcripts: a reader that sees
+        a run or a head also finds the events behind it."""
+        if batch.events:
+            await self._insert_events([_event_document(ev) for ev in batch.events])
+        if batch.runs:
+            await self._write_runs(batch.runs, batch.node)
+        if batch.conversations:
+            await self._write_conversations(batch.conversations)
+        if batch.turns:
+            await self._write_turns(batch.turns)
+
+    async def _insert_events(self, docs: list[Document]) -> None:
+        pending = docs
+        while pending:
+            with _errors("insert events"):
+                try:
+                    await self._events.insert_many(pending, ordered=True)
+                    return
+                except BulkWriteError as exc:
+                    errors = exc.details.get("writeErrors") or []
+                    if not errors or errors[0].get("code") != DUPLICATE_KEY:
+                        raise
+                    pending = await self._not_stored(pending[errors[0].get("index", 0) :])
+
+    async def _not_stored(self, docs: list[Document]) -> list[Document]:
+        """`docs` (the first of which hit a duplicate key) less those already stored
+        by an earlier try. An offset stored with another payload, or a duplicate
+        client_msg_id at a new offset, is a conflict, not a retry: StoreError."""
+        ranges: dict[str, tuple[int, int]] = {}
+        for doc in docs:
+            lo, hi = ranges.get(doc["conversation_id"], (doc["offset"], doc["offset"]))
+            ranges[doc["conversation_id"]] = (min(lo, doc["offset"]), max(hi, doc["offset"]))
+        stored: dict[tuple[str, int], str] = {}
+        for cid, (lo, hi) in ranges.items():
+            cursor = self._events.find(
+                {"conversation_id": cid, "offset": {"$gte": lo, "$lte": hi}},
+                {"_id": 0, "offset": 1, "payload": 1},
+            )
+            async for found in cursor:
+                stored[(cid, found["offset"])] = found["payload"]
+        first = docs[0]
+        if (first["conversation_id"], first["offset"]) not in stored:
+            raise StoreError(
+                f"{first['conversation_id']}: client_msg_id {first.get('client_msg_id')!r} "
+                f"is already stored at another offset than {first['offset']}"
+            )
+        rest: list[Document] = []
+        for doc in docs:
+            payload = stored.get((doc["conversation_id"], doc["offset"]))
+            if payload is None:
+                rest.append(doc)
+            elif payload != doc["payload"]:
+                raise StoreError(
+                    f"{doc['conversation_id']}: offset {doc['offset']} is already stored "
+                    "with another event"
+                )
+        return rest
+
+    async def _write_runs(self, runs: list[dict[str, Any]], node: str) -> None:
+        heartbeat = time.time_ns() // 1_000_000
+        last = {run["run_id"]: run for run in runs}  # the same run twice: the last wins
+        # $set of every field, not a replacement: nx-27017's upserting replace ignores
+        # the filter's _id. A run document always has the same fields, so it is the same.
+        ops = [
+            UpdateOne(
+                {"_id": run_id},
+                {"$set": {**run, "node": node, "heartbeat": heartbeat}},
+                upsert=True,
+            )
+            for run_id, run in last.items()
+        ]
+        with _errors("write runs"):
+            await self._runs.bulk_write(ops, ordered=True)
+
+    async def _write_conversations(self, conversations: list[ConversationRecord]) -> None:
+        last: dict[str, ConversationRecord] = {}
+        head: dict[str, int] = {}
+        for conv in conversations:
+            last[conv.conversation_id] = conv
+            head[conv.conversation_id] = max(head.get(conv.conversation_id, 0), conv.head)
+        ops = [
+            UpdateOne(
+                {"_id": cid},
+                {
+                    "$max": {"head": head[cid]},  # never backwards, even on a stale retry
+                    "$set": {
+                        "conversation_id": cid,
+                        "last_activity": conv.last_activity,
+                        "runner": conv.runner,
+                        "active_run": conv.active_run,
+                    },
+                },
+                upsert=True,
+            )
+            for cid, conv in last.items()
+        ]
+        with _errors("write conversations"):
+            await self._conversations.bulk_write(ops, ordered=True)
+
+    async def _write_turns(self, turns: list[TurnRecord]) -> None:
+        ops = [
+            UpdateOne(
+                {"_id": f"{turn.conversation_id}:{turn.message_id}"},
+                {
+                    "$setOnInsert": {  # a turn is written once: the first write wins
+                        "conversation_id": turn.conversation_id,
+                        "offset": turn.offset,
+                        **turn.document(),
+                    }
+                },
+                upsert=True,
+            )
+            for turn in turns
+        ]
+        with _errors("write transcripts"):
+            await self._transcripts.bulk_write(ops, ordered=True)
+
+    # reads
+
+    async def ping(self) -> None:
+        with _errors("ping"):
+            await self.client.admin.command("ping")
+
+    async def get_conversation(self, conversation_id: str) -> ConversationRecord | None:
+        with _errors("get conversation"):
+            doc = await self._conversations.find_one({"_id": conversation_id})
+        return None if doc is None else _conversation(doc)
+
+    async def last_offset(self, conversation_id: str) -> int:
+        with _errors("last offset"):
+            doc = await self._events.find_one(
+                {"conversation_id": conversation_id},
+                {"_id": 0, "offset": 1},
+                sort=[("offset", DESCENDING)],
+            )
+        return 0 if doc is None else int(doc["offset"])
+
+    async def read_events(self, conversation_id: str, after: int, limit: int) -> list[str]:
+        if limit <= 0:
+            return []  # limit(0) means "no limit" to MongoDB
+        with _errors("read events"):
+            cursor = (
+                self._events.find(
+                    {"conversation_id": conversation_id, "offset": {"$gt": after}},
+                    {"_id": 0, "payload": 1},
+                )
+                .sort("offset", ASCENDING)
+                .limit(limit)
+            )
+            return [doc["payload"] async for doc in cursor]
+
+    async def find_client_message(self, conversation_id: str, client_msg_id: str) -> str | None:
+        with _errors("find client message"):
+            doc = await self._events.find_one(
+                {"client_key": client_key(conversation_id, client_msg_id)},
+                {"_id": 0, "payload": 1},
+            )
+        return None if doc is None else str(doc["payload"])
+
+    async def transcript(self, conversation_id: str) -> list[TurnRecord]:
+        with _errors("transcript"):
+            cursor = self._transcripts.find({"conversation_id": conversation_id}).sort(
+                "offset", ASCENDING
+            )
+            return [
+                TurnRecord(
+                    conversation_id=doc["conversation_id"],
+                    role=doc["role"],
+                    content=doc["content"],
+                    message_id=doc["message_id"],
+                    run_id=doc["run_id"],
+                    ts=doc["ts"],
+                    offset=doc["offset"],
+                )
+                async for doc in cursor
+            ]
+
+    async def list_conversations(
+        self, limit: int, before: tuple[int, str] | None
+    ) -> list[ConversationRecord]:
+        if limit <= 0:
+            return []
+        query: Document = {}
+        if before is not None:
+            activity, cid = before
+            query = {
+                "$or": [
+                    {"last_activity": {"$lt": activity}},
+                    {"last_activity": activity, "conversation_id": {"$lt": cid}},
+                ]
+            }
+        with _errors("list conversations"):
+            cursor = (
+                self._conversations.find(query)
+                .sort([("last_activity", DESCENDING), ("conversation_id", DESCENDING)])
+                .limit(limit)
+            )
+            return [_conversation(doc) async for doc in cursor]
+
+    async def get_run(self, run_id: str) -> dict[str, Any] | None:
+        with _errors("get run"):
+            return await self._runs.find_one({"_id": run_id}, RUN_EXTRAS)
+
+    async def list_runs(
+        self, status: str | None, conversation_id: str | None, limit: int, before: str | None
+    ) -> list[dict[str, Any]]:
+        if limit <= 0:
+            return []
+        query: Document = {}
+        if status is not None:
+            query["status"] = status
+        if conversation_id is not None:
+            query["conversation_id"] = conversation_id
+        if before is not None:
+            query["run_id"] = {"$lt": before}
+        with _errors("list runs"):
+            cursor = self._runs.find(query, RUN_EXTRAS).sort("run_id", DESCENDING).limit(limit)
+            return [doc async for doc in cursor]
+
+    async def live_runs(self, conversation_id: str | None) -> list[dict[str, Any]]:
+        query: Document = {"status": {"$in": LIVE}}
+        if conversation_id is not None:
+            query["conversation_id"] = conversation_id
+        with _errors("live runs"):
+            cursor = self._runs.find(query, RUN_EXTRAS).sort("run_id", ASCENDING)
+            return [doc async for doc in cursor]
+
+    async def run_events(self, conversation_id: str, run_id: str) -> list[str]:
+        with _errors("run events"):
+            cursor = self._events.find(
+                {"conversation_id": conversation_id, "run_id": run_id},
+                {"_id": 0, "payload": 1},
+            ).sort("offset", ASCENDING)
+            return [doc["payload"] async for doc in cursor]
+
+    async def close(self) -> None:
+        with _errors("close"):
+            await self.client.close()
