@@ -3,8 +3,13 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
+# The store tests also run against mongoeco, whose wire server needs Python 3.13: it
+# gets a virtualenv of its own. python3.13 on PATH (if it runs), else pyenv's copy.
+PYTHON313 ?= $(shell for p in python3.13 /root/.pyenv/versions/3.13.0/bin/python3.13; do \
+	$$p -c '' >/dev/null 2>&1 && { command -v $$p; break; }; done)
+MONGOECO_VENV := .venv-mongoeco
 
-.PHONY: run test lint typecheck pytest bench clean
+.PHONY: run test lint typecheck pytest bench bench-persistence clean mongoeco
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +28,14 @@ $(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
 	$(PIP) install -e '.[test,bench]'
 	touch $@
 
+$(MONGOECO_VENV)/.installed:
+	@test -n "$(PYTHON313)" || { echo "mongoeco needs Python 3.13: install python3.13"; exit 1; }
+	$(PYTHON313) -m venv $(MONGOECO_VENV)
+	$(MONGOECO_VENV)/bin/python -m pip --disable-pip-version-check -q install 'mongoeco[wire]>=4.11,<5'
+	touch $@
+
+mongoeco: $(MONGOECO_VENV)/.installed
+
 run: $(VENV)/.installed
 	$(BIN)/steerway serve
 
@@ -33,7 +46,7 @@ lint: $(VENV)/.installed-test
 typecheck: $(VENV)/.installed-test
 	$(BIN)/mypy --strict gateway store
 
-pytest: $(VENV)/.installed-test
+pytest: $(VENV)/.installed-test $(MONGOECO_VENV)/.installed
 	$(BIN)/python -m pytest -W error
 
 test: lint typecheck pytest
@@ -41,5 +54,8 @@ test: lint typecheck pytest
 bench: $(VENV)/.installed-bench
 	$(BIN)/python bench/fanout.py
 
+bench-persistence: $(VENV)/.installed-bench
+	$(BIN)/python bench/persistence.py
+
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) $(MONGOECO_VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -21,26 +21,38 @@ from gateway.rest import Api, error
 from gateway.runners.registry import RunnerRegistry, default_registry
 from gateway.ws import ConversationSocket
 from store.base import Store
+from store.embedded import EmbeddedMongo
 from store.memory import MemoryStore
+from store.mongo import MongoStore
 
 log = logging.getLogger("steerway")
 
 
-def open_store(settings: Settings) -> Store:
+async def open_store(settings: Settings, stack: contextlib.AsyncExitStack) -> Store:
+    """The store the settings name, closed (and an embedded server stopped) with `stack`."""
     if settings.store == "memory":
+        log.warning("store: memory; nothing survives a restart")
         return MemoryStore()
-    raise ValueError(f"store {settings.store!r}: only `memory` is available in this version")
+    uri = settings.mongodb_uri if settings.store == "auto" else settings.store
+    if not uri.startswith(("mongodb://", "mongodb+srv://")):
+        if settings.store != "auto":
+            raise ValueError(f"store {settings.store!r}: `memory`, `auto` or a mongodb:// URI")
+        server = await stack.enter_async_context(await EmbeddedMongo.start(settings.data_dir))
+        log.info("store: embedded nx-27017 on %s, data in %s", server.uri, settings.data_dir)
+        uri = server.uri
+    store = await MongoStore.open(uri, settings.mongodb_database)
+    stack.push_async_callback(store.close)
+    return store
 
 
 def create_app(
     settings: Settings | None = None,
     *,
-    store: Store | None = None,
+    store: Store,
     runners: RunnerRegistry | None = None,
     bus: Bus | None = None,
 ) -> Starlette:
     settings = settings or Settings.load()
-    store = store or open_store(settings)
     runners = runners or default_registry(settings.echo_delay_ms, settings.runners)
     if runners.get(settings.runner) is None:
         raise ValueError(f"default runner {settings.runner!r} is not one of {runners.names()}")
@@ -89,7 +101,6 @@ def create_app(
             yield
         finally:
             await hub.stop()
-            await store.close()
 
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.hub = hub

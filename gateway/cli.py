@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import logging
+import socket
 import sys
 from collections.abc import Sequence
 
 import uvicorn
+import uvloop
 
-from gateway.app import create_app
+from gateway.app import create_app, open_store
 from gateway.config import Settings
 from gateway.wsserver import SteerwayWebSocketProtocol
 
@@ -21,7 +24,10 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve the chat UI, dashboard, WebSocket and REST API")
     serve.add_argument("--host", help="address to bind (STEERWAY_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (STEERWAY_PORT, default 8000)")
-    serve.add_argument("--store", help="`memory` or a MongoDB URI (STEERWAY_STORE)")
+    serve.add_argument(
+        "--store", help="`auto` (default: embedded nx-27017), `memory`, or a mongodb:// URI"
+    )
+    serve.add_argument("--data-dir", help="the embedded store's data (STEERWAY_DATA_DIR)")
     serve.add_argument("--runner", help="default runner of new conversations (STEERWAY_RUNNER)")
     serve.add_argument(
         "--runners", nargs="*", help="extra runners as module:attr (STEERWAY_RUNNERS)"
@@ -37,27 +43,43 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Server(uvicorn.Server):
+    async def _serve(self, sockets: list[socket.socket] | None = None) -> None:
+        await super()._serve(sockets)
+        # uvicorn re-raises a caught SIGTERM/SIGINT once it has shut down, which would
+        # kill the process before the store is closed and the embedded server stopped;
+        # the shutdown is already graceful, so the process exits normally instead.
+        self._captured_signals.clear()
+
+
+async def run_server(settings: Settings) -> None:
+    """Open the store, serve until told to stop, then close the store."""
+    async with contextlib.AsyncExitStack() as stack:
+        store = await open_store(settings, stack)
+        app = create_app(settings, store=store)
+        config = uvicorn.Config(
+            app,
+            host=settings.host,
+            port=settings.port,
+            http="httptools",
+            ws=SteerwayWebSocketProtocol,
+            ws_max_size=settings.max_frame_bytes,
+            ws_per_message_deflate=settings.ws_compression,
+            log_level=settings.log_level,
+            access_log=False,
+        )
+        # Everything imported so far lives as long as the process: keep it out of the
+        # collector's way (full collections of it cost 25-45 ms pauses under load).
+        gc.collect()
+        gc.freeze()
+        await _Server(config).serve()
+
+
 def serve(settings: Settings) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
     )
-    app = create_app(settings)
-    # Everything imported so far lives as long as the process: keep it out of the
-    # collector's way (full collections of it cost 25-45 ms pauses under load).
-    gc.collect()
-    gc.freeze()
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        loop="uvloop",
-        http="httptools",
-        ws=SteerwayWebSocketProtocol,
-        ws_max_size=settings.max_frame_bytes,
-        ws_per_message_deflate=settings.ws_compression,
-        log_level=settings.log_level,
-        access_log=False,
-    )
+    uvloop.run(run_server(settings))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,7 +18,14 @@ class Settings(BaseModel):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    store: str = Field("memory", description="`memory`, or a mongodb:// URI")
+    store: str = Field(
+        "auto",
+        description="`memory`; a mongodb:// URI; `auto`: STEERWAY_MONGODB_URI if set, "
+        "else an embedded nx-27017 server on `data_dir`",
+    )
+    mongodb_uri: str = Field("", description="a real MongoDB, used by store `auto`")
+    mongodb_database: str = "steerway"
+    data_dir: Path = Field(Path(".steerway"), description="where the embedded store keeps data")
     runner: str = Field("echo", description="the default runner of new conversations")
     runners: list[str] = Field(default_factory=list, description="extra runners, module:attr")
     echo_delay_ms: float = Field(50.0, ge=0)

@@ -3,12 +3,9 @@ and the files that `make run` / `make test` / CI / Docker rely on."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -16,8 +13,7 @@ import pytest
 
 from gateway.cli import main
 from gateway.config import Settings
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.processes import ROOT, spawn_gateway
 
 
 def test_settings_defaults_env_and_flags() -> None:
@@ -47,34 +43,12 @@ def test_bad_setting_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> Non
 
 
 async def test_serve_runs_a_real_process() -> None:
-    env = {**os.environ, "STEERWAY_ECHO_DELAY_MS": "1", "STEERWAY_LOG_LEVEL": "info"}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway.cli",
-        "serve",
-        "--port",
-        "0",
-        "--runner",
-        "echo",
-        env=env,
-        stderr=subprocess.PIPE,
-        cwd=ROOT,
+    gateway = await spawn_gateway(
+        "--store", "memory", "--runner", "echo", env={"STEERWAY_ECHO_DELAY_MS": "1"}
     )
     try:
-        assert proc.stderr is not None
-        lines: list[str] = []
-        async with asyncio.timeout(20):
-            while True:
-                line = (await proc.stderr.readline()).decode()
-                assert line, f"server exited early: {lines}"
-                lines.append(line)
-                found = re.search(r"running on http://127\.0\.0\.1:(\d+)", line)
-                if found:
-                    port = int(found.group(1))
-                    break
-        assert any("no secret is configured" in line for line in lines)
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+        assert any("no secret is configured" in line for line in gateway.lines)
+        async with httpx.AsyncClient(base_url=gateway.http, timeout=10) as http:
             assert (await http.get("/healthz")).status_code == 200
             assert (await http.get("/readyz")).status_code == 200
             ack = await http.post(
@@ -86,9 +60,7 @@ async def test_serve_runs_a_real_process() -> None:
             assert page.status_code == 200
             assert "Steerway" in page.text
     finally:
-        proc.send_signal(signal.SIGTERM)
-        # uvicorn re-raises the signal after its graceful shutdown
-        assert await asyncio.wait_for(proc.wait(), 20) in (0, -signal.SIGTERM)
+        assert await gateway.terminate() == 0  # a graceful stop exits 0
 
 
 def test_readme_starts_with_the_two_commands() -> None:

@@ -1,0 +1,97 @@
+"""Real `steerway serve` processes for the tests: started on a free port (uvicorn
+binds port 0 and logs the port it got), stopped by their pid."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+STARTUP = 30.0
+
+
+@dataclass
+class GatewayProcess:
+    proc: asyncio.subprocess.Process
+    port: int
+    lines: list[str] = field(default_factory=list)  # stderr up to "running on"
+    drain: asyncio.Task[None] | None = None  # keeps reading stderr so it never blocks
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    async def terminate(self) -> int:
+        """SIGTERM, and the exit status once it has shut down."""
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+        status = await asyncio.wait_for(self.proc.wait(), STARTUP)
+        if self.drain is not None:
+            await self.drain
+        return status
+
+    async def kill(self) -> None:
+        """SIGKILL: nothing of the process runs after this."""
+        if self.proc.returncode is None:
+            self.proc.kill()
+        await asyncio.wait_for(self.proc.wait(), STARTUP)
+        if self.drain is not None:
+            await self.drain
+
+
+async def spawn_gateway(*args: str, env: dict[str, str] | None = None) -> GatewayProcess:
+    """`steerway serve --port 0 ARGS`, once it serves."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway.cli",
+        "serve",
+        "--port",
+        "0",
+        *args,
+        env={**os.environ, "STEERWAY_LOG_LEVEL": "info", **(env or {})},
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        cwd=ROOT,
+    )
+    assert proc.stderr is not None
+    lines: list[str] = []
+    try:
+        async with asyncio.timeout(STARTUP):
+            while True:
+                line = (await proc.stderr.readline()).decode()
+                assert line, f"the gateway exited early: {''.join(lines)}"
+                lines.append(line)
+                found = re.search(r"running on http://127\.0\.0\.1:(\d+)", line)
+                if found:
+                    break
+    except BaseException:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+        raise
+    return GatewayProcess(proc, int(found.group(1)), lines, asyncio.create_task(_drain(proc)))
+
+
+async def _drain(proc: asyncio.subprocess.Process) -> None:
+    assert proc.stderr is not None
+    while await proc.stderr.readline():
+        pass
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
