@@ -16,6 +16,7 @@ import httpx
 import orjson
 import websockets
 
+from store.embedded import EmbeddedMongo
 from tests.processes import GatewayProcess, alive, spawn_gateway
 
 WITHIN = 20.0
@@ -151,3 +152,39 @@ async def test_a_gateway_killed_mid_run_is_taken_over_by_the_next(tmp_path: Path
         async with httpx.AsyncClient(base_url=proc.http, timeout=WITHIN) as http:
             doc = (await http.get(f"/api/runs/{first['run_id']}")).json()
             assert (doc["status"], doc["reason"]) == ("failed", "gateway_restart")
+
+
+async def test_while_the_store_is_down_messages_get_503_and_nothing_acked_is_lost(
+    tmp_path: Path,
+) -> None:
+    server = await EmbeddedMongo.start(tmp_path / "nx")
+    port = int(server.uri.split(":")[2].split("/")[0])
+    try:
+        proc = await spawn_gateway("--store", server.uri, env=ENV)
+        try:
+            async with httpx.AsyncClient(base_url=proc.http, timeout=WITHIN) as http:
+                post = "/api/conversations/down/messages"
+                one = await http.post(post, json={"client_msg_id": "m1", "text": "a b"})
+                assert one.status_code == 200
+                await server.stop()  # the store goes away
+
+                refused = await http.post(post, json={"client_msg_id": "m2", "text": "c"})
+                assert refused.status_code == 503
+                assert refused.json()["error"]["code"] == "internal"
+                assert (await http.get("/readyz")).status_code == 503
+
+                server = await EmbeddedMongo.start(tmp_path / "nx", port=port)  # it is back
+                assert (await http.get("/readyz")).status_code == 200
+                two = await http.post(post, json={"client_msg_id": "m2", "text": "c"})
+                assert two.status_code == 200
+                assert two.json()["duplicate"] is False  # the refused key stayed free
+                events = (await http.get("/api/conversations/down/events?after=0")).json()
+                messages = [e for e in events["events"] if e["type"] == "user.message"]
+                assert [m["client_msg_id"] for m in messages] == ["m1", "m2"]
+                offsets = [e["offset"] for e in events["events"]]
+                assert offsets == list(range(1, len(offsets) + 1))
+            assert await proc.terminate() == 0
+        finally:
+            await proc.kill()
+    finally:
+        await server.stop()
