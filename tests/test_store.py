@@ -35,6 +35,7 @@ from store.base import ConversationRecord, EventRecord, Store, StoreError, TurnR
 from store.embedded import EmbeddedMongo, EmbeddedMongoError, free_port
 from store.memory import MemoryStore
 from store.mongo import INDEXES, MongoStore
+from tests.processes import alive
 
 ROOT = Path(__file__).resolve().parent.parent
 MONGOECO_SERVER = ROOT / "tests" / "mongoeco_server.py"
@@ -579,14 +580,6 @@ async def test_store_error_when_the_server_is_gone(kind: str, tmp_path: Path) ->
 
 
 # the embedded server
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 async def write_and_close(uri: str, batch: WriteBatch) -> None:
