@@ -42,6 +42,7 @@ import tempfile
 import time
 import uuid
 from array import array
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -109,15 +110,21 @@ def core_busy_s(core: int) -> float:
     return core_times(core)[0]
 
 
-async def wait_quiet(server_pid: int, max_wait: float, threshold: float = 0.10) -> float:
+async def wait_quiet(
+    server_cpu_s: Callable[[], float],
+    max_wait: float,
+    threshold: float = 0.10,
+    core: int = SERVER_CORE,
+) -> float:
     """Wait (up to `max_wait` s) for a second in which other processes use under `threshold`
-    of the server's core; other sessions of the machine may be running tests.  Returns the
-    share they used in the last second sampled."""
+    of `core` (the server's); other sessions of the machine may be running tests.  Returns
+    the share they used in the last second sampled.  `server_cpu_s` is `Server.cpu_s`: the
+    CPU seconds of the processes on that core that are ours, and do not count as others."""
     deadline = time.monotonic() + max_wait
     while True:
-        busy0, cpu0, t0 = core_busy_s(SERVER_CORE), proc_cpu_s(server_pid), time.monotonic()
+        busy0, cpu0, t0 = core_busy_s(core), server_cpu_s(), time.monotonic()
         await asyncio.sleep(1.0)
-        busy1, cpu1, t1 = core_busy_s(SERVER_CORE), proc_cpu_s(server_pid), time.monotonic()
+        busy1, cpu1, t1 = core_busy_s(core), server_cpu_s(), time.monotonic()
         others = max(0.0, (busy1 - busy0) - (cpu1 - cpu0)) / (t1 - t0)
         if others < threshold or time.monotonic() >= deadline:
             return others
@@ -132,13 +139,28 @@ def proc_rss_kib(pid: int) -> int:
 
 
 class Server:
-    """One server subprocess on core 0; `stop()` ends it by pid."""
+    """One server subprocess on core 0; `stop()` ends it by pid.
 
-    def __init__(self, kind: str, compression: bool, baseline_loop: str, logdir: Path) -> None:
+    `env` is added to the gateway's environment (bench/persistence.py runs it with
+    another store, STEERWAY_STORE=auto); `label` names the server in the results."""
+
+    def __init__(
+        self,
+        kind: str,
+        compression: bool,
+        baseline_loop: str,
+        logdir: Path,
+        *,
+        env: Mapping[str, str] | None = None,
+        label: str | None = None,
+    ) -> None:
         self.kind = kind
         self.compression = compression
+        self._label = label or ("gateway" if kind == "gateway" else "baseline")
         self.port = free_port()
-        self.log_path = logdir / f"{kind}-{'deflate' if compression else 'plain'}-{self.port}.log"
+        mode = "deflate" if compression else "plain"
+        self.log_path = logdir / f"{self._label}-{mode}-{self.port}.log"
+        env_extra = dict(env or {})
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         if kind == "gateway":
@@ -152,6 +174,7 @@ class Server:
                 STEERWAY_WS_COMPRESSION="true" if compression else "false",
                 STEERWAY_LOG_LEVEL="warning",
             )
+            env.update(env_extra)
         else:
             self.argv = [sys.executable, "-m", "bench.baseline", "--port", str(self.port)]
             self.argv += ["--loop", baseline_loop] + (["--compression"] if compression else [])
@@ -160,7 +183,7 @@ class Server:
 
     @property
     def label(self) -> str:
-        return "gateway" if self.kind == "gateway" else "baseline"
+        return self._label
 
     @property
     def pid(self) -> int:
@@ -200,6 +223,7 @@ class Server:
             return ""
 
     def cpu_s(self) -> float:
+        """CPU seconds of the server's processes on core 0 (a subclass may add children)."""
         return proc_cpu_s(self.pid)
 
     def rss_kib(self) -> int:
@@ -424,16 +448,23 @@ async def _stream(
     duration: float,
     profile_dir: Path | None,
     quiet_wait: float,
+    senders: list[WSTransport],
 ) -> dict[str, float]:
-    """Start the run and wait for it to end; the CPU and time figures of the window."""
+    """Start the run (one trigger from each of `senders`, one per conversation) and wait
+    for it to end; the CPU and time figures of the window."""
     await asyncio.sleep(0.5)  # let the server settle after the connection burst
     if quiet_wait > 0:
-        await wait_quiet(server.pid, quiet_wait)
-    trigger = {
-        "type": "message",
-        "client_msg_id": f"go-{uuid.uuid4().hex[:12]}",
-        "text": trigger_text(rate, count),
-    }
+        await wait_quiet(server.cpu_s, quiet_wait)
+    triggers = [
+        orjson.dumps(
+            {
+                "type": "message",
+                "client_msg_id": f"go-{uuid.uuid4().hex[:12]}",
+                "text": trigger_text(rate, count),
+            }
+        )
+        for _ in senders
+    ]
     profiler = None
     if profile_dir is not None:
         name = f"{server.label}-r{rate:g}-c{len(conns)}-{uuid.uuid4().hex[:6]}.folded"
@@ -447,7 +478,10 @@ async def _stream(
     me = os.getpid()
     core0, steal0 = core_times(SERVER_CORE)
     cpu0, mine0, t0 = server.cpu_s(), proc_cpu_s(me), time.monotonic()
-    conns[0][0].send(WSMsgType.TEXT, orjson.dumps(trigger))
+    for i, (sender, trigger) in enumerate(zip(senders, triggers, strict=True)):
+        if i:  # several conversations tick out of phase, evenly over one period
+            await asyncio.sleep(1.0 / (rate * len(senders)))
+        sender.send(WSMsgType.TEXT, trigger)
     timed_out = 0.0
     try:
         await asyncio.wait_for(asyncio.shield(delivery.finished), duration + 15)
@@ -476,22 +510,30 @@ async def throughput(
     duration: float,
     profile_dir: Path | None,
     quiet_wait: float,
+    conversations: int = 1,
 ) -> RunResult:
+    """`clients` clients spread evenly over `conversations` conversations, each of which
+    streams `rate` chunks/s for `duration` s."""
+    if not 1 <= conversations <= clients:
+        raise ValueError("need 1 <= conversations <= clients")
     count = max(1, round(rate * duration))
     cid = f"bench-{int(rate)}-{uuid.uuid4().hex[:8]}"
+    cids = [cid] if conversations == 1 else [f"{cid}-{i}" for i in range(conversations)]
     delivery = Delivery(clients, count)
-    url = server.url(cid)
 
-    async def connect() -> tuple[WSTransport, FastClient]:
+    async def connect(url: str) -> tuple[WSTransport, FastClient]:
         transport, listener = await ws_connect(lambda: FastClient(delivery), url)
         await asyncio.wait_for(listener.ready, 10)
         return transport, listener
 
     conns: list[tuple[WSTransport, FastClient]] = []
     try:
-        conns = await gather_batched([connect() for _ in range(clients)])
+        urls = [server.url(cids[i % conversations]) for i in range(clients)]
+        conns = await gather_batched([connect(url) for url in urls])
+        # clients i < conversations are the first of each conversation: they start its run
+        senders = [transport for transport, _ in conns[:conversations]]
         window = await _stream(
-            server, conns, delivery, rate, count, duration, profile_dir, quiet_wait
+            server, conns, delivery, rate, count, duration, profile_dir, quiet_wait, senders
         )
     finally:
         for transport, _ in conns:
