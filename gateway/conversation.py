@@ -51,6 +51,7 @@ log = logging.getLogger("steerway.conversation")
 
 MAILBOX_SIZE = 1024
 BATCH_INPUTS = 256
+CONVERSATION_EVERY_MS = 1000  # a streaming conversation's document, at most this often
 REMEMBERED_KEYS = 4096  # acks and ended runs kept in memory; older ones come from the store
 
 
@@ -183,10 +184,17 @@ class ConversationActor:
 
     async def _append(self, fx: Effects, born: dict[int, float]) -> None:
         active = self.summary()
-        self.record.last_activity = now_ms()
-        self.record.runner = self.machine.runner
-        self.record.active_run = active.model_dump() if active else None
-        await self.log.append(fx, self.record, born)
+        record, now = self.record, now_ms()
+        state = (self.machine.runner, active.model_dump() if active else None)
+        # The conversation document goes with a batch that changes runs or the active run,
+        # else at most once a second: a streaming run's batches are then one write of
+        # events alone. Its `head` may lag the log by that second; `last_offset` does not.
+        write = bool(fx.runs) or state != (record.runner, record.active_run)
+        write = write or now - record.last_activity >= CONVERSATION_EVERY_MS
+        if write:
+            record.runner, record.active_run = state
+            record.last_activity = now
+        await self.log.append(fx, record if write else None, born)
         metrics = self.hub.metrics
         for event in fx.events:
             metrics.events.labels(event.type).inc()

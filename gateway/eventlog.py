@@ -33,10 +33,11 @@ class EventLog:
         return self.head
 
     async def append(
-        self, fx: Effects, conversation: ConversationRecord, born: dict[int, float]
+        self, fx: Effects, conversation: ConversationRecord | None, born: dict[int, float]
     ) -> list[Frame]:
-        """Number, encode, store and publish the effects' events; `born` maps an event's
-        index in `fx.events` to when the runner result behind it arrived."""
+        """Number, encode, store and publish the effects' events, with the conversation's
+        document when given; `born` maps an event's index in `fx.events` to when the
+        runner result behind it arrived."""
         cid = self.conversation_id
         frames: list[Frame] = []
         records: list[EventRecord] = []
@@ -64,12 +65,13 @@ class EventLog:
             for event in fx.events
             if isinstance(event, UserMessage | MessageCompleted)
         }
-        conversation.head = self.head
+        if conversation is not None:
+            conversation.head = self.head
         batch = WriteBatch(
             node=self._node,
             events=records,
             runs=[run.document() for run in fx.runs.values()],
-            conversations=[conversation],
+            conversations=[conversation] if conversation is not None else [],
             turns=[
                 TurnRecord(
                     cid, t.role, t.content, t.message_id, t.run_id, t.ts, offsets[t.message_id]

@@ -121,9 +121,8 @@ class Api:
         cid = _cid(request)
         after = _int(request, "after", 0)
         limit = _int(request, "limit", EVENTS_DEFAULT, EVENTS_MAX)
-        record = await self.store.get_conversation(cid)
+        head = await self.store.last_offset(cid)
         payloads = await self.store.read_events(cid, after, limit)
-        head = record.head if record else 0
         # Stored texts are spliced in as they are: the same bytes as the live frames.
         body = b'{"events":[' + ",".join(payloads).encode() + b'],"head":%d}' % head
         return json(body)
