@@ -876,10 +876,25 @@ def main() -> int:
     print()
     print(fmt_table(runs, idle))
     print()
-    results = verdicts(runs, idle)
+    return report(
+        args,
+        verdicts(runs, idle),
+        client_check(runs),
+        {"runs": [asdict(r) for r in runs], "idle": [asdict(i) for i in idle]},
+    )
+
+
+def report(
+    args: argparse.Namespace,
+    results: list[tuple[bool, str]],
+    client: str | None,
+    figures: dict[str, object],
+) -> int:
+    """Print the verdicts, write `--json`, and the exit status: 0 when all pass."""
     for ok, text in results:
         print(f"{'PASS' if ok else 'MISS'}  {text}")
-    print(client_check(runs))
+    if client is not None:
+        print(client)
     if args.profile is not None:
         print(f"profiles (py-spy folded stacks; figures above are perturbed): {args.profile}")
     if args.json is not None:
@@ -888,8 +903,7 @@ def main() -> int:
                 {
                     "machine": machine(),
                     "args": {k: str(v) for k, v in vars(args).items()},
-                    "runs": [asdict(r) for r in runs],
-                    "idle": [asdict(i) for i in idle],
+                    **figures,
                     "verdicts": [{"pass": ok, "target": text} for ok, text in results],
                 },
                 indent=2,

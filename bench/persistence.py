@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import re
 import resource
@@ -73,6 +72,7 @@ from bench.fanout import (  # noqa: E402
     percentile,
     proc_cpu_s,
     py_spy,
+    report,
     throughput,
     wait_quiet,
 )
@@ -768,26 +768,12 @@ def main() -> int:
         print(f"Raw event append on {NX} (no gateway)")
         print(fmt_append(appends))
     print()
-    for ok, text in results:
-        print(f"{'PASS' if ok else 'MISS'}  {text}")
-    if runs:
-        print(client_check([f.run for f in runs]))
-    if args.profile is not None:
-        print(f"profiles (py-spy folded stacks; figures above are perturbed): {args.profile}")
-    if args.json is not None:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "machine": machine(),
-                    "args": {k: str(v) for k, v in vars(args).items()},
-                    "fanout": [asdict(f) for f in runs],
-                    "append": [asdict(a) for a in appends],
-                    "verdicts": [{"pass": ok, "target": text} for ok, text in results],
-                },
-                indent=2,
-            )
-        )
-    return 0 if all(ok for ok, _ in results) else 1
+    return report(
+        args,
+        results,
+        client_check([f.run for f in runs]) if runs else None,
+        {"fanout": [asdict(f) for f in runs], "append": [asdict(a) for a in appends]},
+    )
 
 
 if __name__ == "__main__":
