@@ -845,20 +845,7 @@ def main() -> int:
     if args.clients < 1:
         parser.error("--clients must be >= 1")
 
-    cpus = os.sched_getaffinity(0)
-    if {SERVER_CORE, CLIENT_CORE} <= cpus:
-        os.sched_setaffinity(0, {CLIENT_CORE})
-    else:
-        print(f"warning: cores {SERVER_CORE} and {CLIENT_CORE} are not both free", file=sys.stderr)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    need = 2 * (args.idle_connections + args.clients) + 256
-    if soft < need:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(need, soft)), hard))
-    if args.profile is not None:
-        if py_spy() is None:
-            parser.error("--profile needs py-spy: .venv/bin/python -m pip install py-spy")
-        args.profile.mkdir(parents=True, exist_ok=True)
-
+    prepare(parser, args, sockets=2 * (args.idle_connections + args.clients))
     logdir = Path(tempfile.mkdtemp(prefix="steerway-bench-"))
     print(f"# machine: {machine()}")
     print(
@@ -882,6 +869,24 @@ def main() -> int:
         client_check(runs),
         {"runs": [asdict(r) for r in runs], "idle": [asdict(i) for i in idle]},
     )
+
+
+def prepare(parser: argparse.ArgumentParser, args: argparse.Namespace, sockets: int) -> None:
+    """Pin this process to the client core, allow `sockets` more open files, and check
+    that `--profile` can work."""
+    cpus = os.sched_getaffinity(0)
+    if {SERVER_CORE, CLIENT_CORE} <= cpus:
+        os.sched_setaffinity(0, {CLIENT_CORE})
+    else:
+        print(f"warning: cores {SERVER_CORE} and {CLIENT_CORE} are not both free", file=sys.stderr)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = sockets + 256
+    if soft < need:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, need), hard))
+    if args.profile is not None:
+        if py_spy() is None:
+            parser.error("--profile needs py-spy: .venv/bin/python -m pip install py-spy")
+        args.profile.mkdir(parents=True, exist_ok=True)
 
 
 def report(

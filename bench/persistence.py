@@ -40,7 +40,6 @@ import asyncio
 import contextlib
 import os
 import re
-import resource
 import shutil
 import signal
 import sys
@@ -70,8 +69,8 @@ from bench.fanout import (  # noqa: E402
     core_busy_s,
     machine,
     percentile,
+    prepare,
     proc_cpu_s,
-    py_spy,
     report,
     throughput,
     wait_quiet,
@@ -435,37 +434,50 @@ def _latency(values: list[int]) -> tuple[float, float, float]:
     return percentile(ordered, 0.50), percentile(ordered, 0.99), top
 
 
+class _Cpu:
+    """CPU seconds of the store and of this process, and wall time, from creation on."""
+
+    def __init__(self, mongo_pid: int) -> None:
+        self.mongo_pid, self.me = mongo_pid, os.getpid()
+        self.nx0, self.me0 = proc_cpu_s(mongo_pid), proc_cpu_s(self.me)
+        self.t0 = time.monotonic()
+
+
+def _appended(
+    mode: str, batch: int, events: int, writes: int, latencies: list[int], cpu: _Cpu
+) -> AppendResult:
+    wall = time.monotonic() - cpu.t0
+    p50, p99, top = _latency(latencies)
+    return AppendResult(
+        mode=mode,
+        batch=batch,
+        events=events,
+        writes=writes,
+        seconds=wall,
+        events_per_s=events / wall,
+        p50_ms=p50,
+        p99_ms=p99,
+        max_ms=top,
+        store_cpu_share=(proc_cpu_s(cpu.mongo_pid) - cpu.nx0) / wall,
+        driver_cpu_share=(proc_cpu_s(cpu.me) - cpu.me0) / wall,
+    )
+
+
 async def append_direct(
     store: MongoStore, mongo_pid: int, size: int, seconds: float
 ) -> AppendResult:
     appender = Appender(f"raw-b{size}")
     latencies: list[int] = []
     events = 0
-    me = os.getpid()
-    nx0, me0, t0 = proc_cpu_s(mongo_pid), proc_cpu_s(me), time.monotonic()
-    deadline = t0 + seconds
+    cpu = _Cpu(mongo_pid)
+    deadline = cpu.t0 + seconds
     while time.monotonic() < deadline:
         batch = WriteBatch(events=appender.events(size))
         start = time.perf_counter_ns()
         await store.write(batch)
         latencies.append(time.perf_counter_ns() - start)
         events += size
-    t1 = time.monotonic()
-    wall = t1 - t0
-    p50, p99, top = _latency(latencies)
-    return AppendResult(
-        mode="store.write",
-        batch=size,
-        events=events,
-        writes=len(latencies),
-        seconds=wall,
-        events_per_s=events / wall,
-        p50_ms=p50,
-        p99_ms=p99,
-        max_ms=top,
-        store_cpu_share=(proc_cpu_s(mongo_pid) - nx0) / wall,
-        driver_cpu_share=(proc_cpu_s(me) - me0) / wall,
-    )
+    return _appended("store.write", size, events, len(latencies), latencies, cpu)
 
 
 async def append_grouped(
@@ -474,9 +486,8 @@ async def append_grouped(
     committer = GroupCommitter(store)
     committer.start()
     latencies: list[int] = []
-    me = os.getpid()
-    nx0, me0, t0 = proc_cpu_s(mongo_pid), proc_cpu_s(me), time.monotonic()
-    deadline = t0 + seconds
+    cpu = _Cpu(mongo_pid)
+    deadline = cpu.t0 + seconds
 
     async def one(appender: Appender) -> int:
         n = 0
@@ -494,23 +505,8 @@ async def append_grouped(
         counts = await asyncio.gather(*(one(Appender(f"gc-{appenders}")) for _ in range(appenders)))
     finally:
         await committer.stop()
-    t1 = time.monotonic()
-    wall = t1 - t0
-    events = sum(counts)
-    p50, p99, top = _latency(latencies)
-    return AppendResult(
-        mode="GroupCommitter" if head else "GroupCommitter events",
-        batch=appenders,
-        events=events,
-        writes=committer.batches,
-        seconds=wall,
-        events_per_s=events / wall,
-        p50_ms=p50,
-        p99_ms=p99,
-        max_ms=top,
-        store_cpu_share=(proc_cpu_s(mongo_pid) - nx0) / wall,
-        driver_cpu_share=(proc_cpu_s(me) - me0) / wall,
-    )
+    mode = "GroupCommitter" if head else "GroupCommitter events"
+    return _appended(mode, appenders, sum(counts), committer.batches, latencies, cpu)
 
 
 async def raw_append(args: argparse.Namespace) -> list[AppendResult]:
@@ -722,20 +718,7 @@ def main() -> int:
     if args.store_core not in os.sched_getaffinity(0):
         parser.error(f"--store-core {args.store_core} is not available")
 
-    cpus = os.sched_getaffinity(0)
-    if {SERVER_CORE, CLIENT_CORE} <= cpus:
-        os.sched_setaffinity(0, {CLIENT_CORE})
-    else:
-        print(f"warning: cores {SERVER_CORE} and {CLIENT_CORE} are not both free", file=sys.stderr)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    need = 2 * max(s.clients for s in args.scenarios) + 256
-    if soft < need:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, need), hard))
-    if args.profile is not None:
-        if py_spy() is None:
-            parser.error("--profile needs py-spy: .venv/bin/python -m pip install py-spy")
-        args.profile.mkdir(parents=True, exist_ok=True)
-
+    prepare(parser, args, sockets=2 * max(s.clients for s in args.scenarios))
     logdir = Path(tempfile.mkdtemp(prefix="steerway-bench-"))
     print(f"# machine: {machine()}")
     print(

@@ -12,6 +12,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.conversation import ConversationHub
+from gateway.core.runs import RunStatus
 from gateway.errors import FrameError, SteerwayError
 from gateway.protocol.codes import ErrorCode
 from gateway.protocol.frames import MessageFrame, encode, is_conversation_id, validate_client_frame
@@ -154,14 +155,7 @@ class Api:
     async def runs(self, request: Request) -> Response:
         limit = _int(request, "limit", LISTING_DEFAULT, LISTING_MAX)
         status = request.query_params.get("status")
-        if status is not None and status not in (
-            "queued",
-            "running",
-            "completed",
-            "failed",
-            "cancelled",
-            "timeout",
-        ):
+        if status is not None and status not in RunStatus._value2member_map_:
             raise _bad("unknown `status`")
         cid = request.query_params.get("conversation_id")
         if cid is not None and not is_conversation_id(cid):
