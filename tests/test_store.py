@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import itertools
 import os
 import select
 import shutil
@@ -29,12 +30,14 @@ from typing import Any, TypeVar
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from store import embedded
 from store.base import ConversationRecord, EventRecord, Store, StoreError, TurnRecord, WriteBatch
 from store.embedded import EmbeddedMongo, EmbeddedMongoError, free_port
 from store.memory import MemoryStore
-from store.mongo import INDEXES, MongoStore
+from store.mongo import INDEXES, PACK_BYTES, PACK_EVENTS, MongoStore, pack
 from tests.processes import alive
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -245,6 +248,62 @@ async def count(store: Store, collection: str) -> int | None:
     return await store.db[collection].count_documents({})
 
 
+# packing events into documents (pure)
+
+
+@st.composite
+def event_runs(draw: st.DrawFn) -> list[EventRecord]:
+    """Events of two conversations, interleaved, with runs, keys and big payloads."""
+    heads = {"c1": 0, "c2": 0}
+    out = []
+    for cid, run, kind, size in draw(
+        st.lists(
+            st.tuples(
+                st.sampled_from(["c1", "c2"]),
+                st.sampled_from([None, "run_1", "run_2"]),
+                st.sampled_from(["plain", "plain", "plain", "key"]),
+                st.sampled_from([1, 10, PACK_BYTES // 3]),
+            ),
+            max_size=600,
+        )
+    ):
+        heads[cid] += 1
+        key = f"k{heads[cid]}" if kind == "key" else None
+        out.append(EventRecord(cid, heads[cid], "x", 1, "p" * size, run, key))
+    return out
+
+
+@given(event_runs())
+def test_pack_keeps_every_event_in_order(events: list[EventRecord]) -> None:
+    docs = pack(events)
+    assert pack(events) == docs  # a retry packs alike
+    flat = [
+        (doc["conversation_id"], doc["offset"] + i, doc["run_id"], p)
+        for doc in docs
+        for i, p in enumerate(doc["payloads"])
+    ]
+    assert flat == [(ev.conversation_id, ev.offset, ev.run_id, ev.payload) for ev in events]
+    for doc in docs:
+        assert doc["last"] - doc["offset"] + 1 == len(doc["payloads"]) <= PACK_EVENTS
+        assert len(doc["payloads"]) == 1 or sum(map(len, doc["payloads"])) <= PACK_BYTES
+        assert ("client_key" in doc) == ("client_msg_id" in doc)
+        if "client_key" in doc:  # the idempotency key's event is always alone
+            assert len(doc["payloads"]) == 1
+    # nothing that could share a document is split without a reason
+    for a, b in itertools.pairwise(docs):
+        mergeable = (
+            a["conversation_id"] == b["conversation_id"]
+            and a["run_id"] == b["run_id"]
+            and a["last"] + 1 == b["offset"]
+            and "client_key" not in a
+            and "client_key" not in b
+        )
+        full = len(a["payloads"]) == PACK_EVENTS or (
+            sum(map(len, a["payloads"])) + len(b["payloads"][0]) > PACK_BYTES
+        )
+        assert not mergeable or full
+
+
 # the suite
 
 
@@ -282,7 +341,8 @@ async def test_events(store: Store) -> None:
     assert await store.run_events("c1", "run_1") == payloads(c1[0::2])
     assert await store.run_events("c2", "run_2") == payloads(c2)
     assert await store.run_events("c1", "run_2") == []
-    assert await count(store, "events") in (None, 10)
+    # c2's three events of one run, written together, are one document
+    assert await count(store, "events") in (None, 8)
 
 
 async def test_rewriting_a_batch_stores_nothing_twice(store: Store) -> None:
@@ -331,7 +391,47 @@ async def test_a_partial_batch_is_completed_by_its_retry(store: Store, written: 
     assert [await store.find_client_message("c1", f"k{n}") for n in range(1, 5)] == payloads(c1)
     assert await store.get_run("run_1") == run_doc("run_1", "c1")
     assert await store.get_conversation("c2") == conv("c2", 3, 800)
-    assert await count(store, "events") in (None, 7)
+    # the retry cuts what was stored as one document out of its own, packed otherwise
+    assert await count(store, "events") in (None, 5 if written == "one conversation" else 7)
+
+
+async def test_packed_events_read_back_at_every_cursor(store: Store) -> None:
+    """One run's 600 events in one batch are three documents on MongoDB (256, 256, 88);
+    every read is the same as one event per document would give."""
+    key = event("c1", 1, key="k1")
+    streamed = [event("c1", n, run="run_1") for n in range(2, 602)]
+    everything = [key, *streamed]
+    await store.write(WriteBatch(events=everything))
+    assert await count(store, "events") in (None, 4)
+    assert await store.last_offset("c1") == 601
+    assert await store.run_events("c1", "run_1") == payloads(streamed)
+    assert await store.find_client_message("c1", "k1") == key.payload
+    for after in (0, 1, 2, 200, 256, 257, 258, 513, 514, 600, 601, 700):
+        for limit in (1, 7, 256, 1000):
+            want = payloads(everything[after : after + limit])
+            assert await store.read_events("c1", after, limit) == want, (after, limit)
+
+
+@pytest.mark.parametrize("sizes", [[1, 1, 1, 1, 1], [3, 9], [4, 4, 4, 3], [20]])
+async def test_a_retry_packed_otherwise_stores_each_event_once(
+    store: Store, sizes: list[int]
+) -> None:
+    """Whatever prefix of a run an earlier try stored, however it was packed, the retry
+    stores only the rest; an offset stored with another event is a conflict."""
+    events = [event("c1", n, run="run_1") for n in range(1, 21)]
+    start = 0
+    for size in sizes:
+        await store.write(WriteBatch(events=events[start : start + size]))
+        start += size
+    await store.write(WriteBatch(events=events))
+    assert await store.read_events("c1", 0, 100) == payloads(events)
+    assert await store.last_offset("c1") == 20
+    assert await store.run_events("c1", "run_1") == payloads(events)
+    changed = EventRecord("c1", 21, "x", 5, payload("c1", 21))
+    await store.write(WriteBatch(events=[changed]))
+    other = EventRecord("c1", 21, "x", 5, payload("c1", 21, other=True))
+    with pytest.raises(StoreError, match="offset 21"):
+        await store.write(WriteBatch(events=[event("c1", 20, run="run_1"), other]))
 
 
 async def test_an_offset_is_never_overwritten(store: Store) -> None:
