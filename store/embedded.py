@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import importlib.util
 import os
 import shutil
 import signal
@@ -41,6 +42,7 @@ from pymongo.errors import PyMongoError
 from store.base import StoreError
 
 EXECUTABLE = "nx-27017"
+SERVER_MODULE = "store.nxserver"
 DEFAULT_DATA_DIR = Path(".steerway")
 
 
@@ -60,6 +62,14 @@ def find_executable() -> str:
             "or set STEERWAY_MONGODB_URI to use a MongoDB server"
         )
     return found
+
+
+def server_command() -> list[str]:
+    """nx-27017 with its checkpoints off the write path (store.nxserver) when this
+    interpreter has it, else the plain nx-27017 program."""
+    if importlib.util.find_spec("nx_27017") is not None:
+        return [sys.executable, "-m", SERVER_MODULE]
+    return [find_executable()]
 
 
 def free_port() -> int:
@@ -112,7 +122,8 @@ def clear_stale_pid_file(pid_file: Path) -> bool:
         pid = 0
     if pid > 0:
         args = _cmdline(pid)
-        if args is not None and any("nx-27017" in a or "nx_27017" in a for a in args):
+        marks = ("nx-27017", "nx_27017", SERVER_MODULE)
+        if args is not None and any(mark in a for a in args for mark in marks):
             raise EmbeddedMongoError(
                 f"nx-27017 is already running on {pid_file.parent} (pid {pid}); "
                 "stop it first, or use another data directory"
@@ -197,11 +208,11 @@ class EmbeddedMongo:
     async def _start(self) -> None:
         self.db_dir.mkdir(parents=True, exist_ok=True)
         await self._clear_pid_file()
-        executable = self.executable or find_executable()
+        command = [self.executable] if self.executable else server_command()
         attempts = 1 if self.port else 3  # a free port can be taken before nx binds it
         for attempt in range(attempts):
             port = self.port if attempts == 1 else free_port()
-            if await self._launch(executable, port, last=attempt == attempts - 1):
+            if await self._launch(command, port, last=attempt == attempts - 1):
                 self.port = port
                 return
 
@@ -218,9 +229,9 @@ class EmbeddedMongo:
                     raise
             await asyncio.sleep(0.05)
 
-    async def _launch(self, executable: str, port: int, *, last: bool) -> bool:
+    async def _launch(self, command: list[str], port: int, *, last: bool) -> bool:
         args = [
-            executable,
+            *command,
             "--host",
             self.host,
             "--port",
