@@ -3,9 +3,11 @@
 Everything that changes a conversation arrives in the actor's bounded mailbox
 (user messages and cancels from the edges, results, pulls and deadlines from
 the run drivers).  The actor takes what is waiting as one batch, feeds it to
-the pure `ConversationMachine`, appends the resulting events through the event
-log (one store write per batch), then answers the senders and starts or stops
-run drivers.  Actors start on demand and stop when their conversation is idle.
+the pure `ConversationMachine` and appends the resulting events through the
+event log (one store write per batch).  It stops the drivers of ended runs at
+once; it answers the senders and starts new runs' drivers once the batch is
+stored, while it already takes its next inputs.  Actors start on demand and
+stop when their conversation is idle.
 """
 
 from __future__ import annotations
@@ -130,6 +132,7 @@ class ConversationActor:
         return (
             self.machine.idle
             and not self.drivers
+            and not self.log.busy
             and self.mailbox.empty()
             and self.hub.bus.count(self.conversation_id) == 0
         )
@@ -172,15 +175,20 @@ class ConversationActor:
             await self._append(fx, born)
         for key, event in pending.items():
             self._acks.remember(key, event)
-        for reply in replies:
-            reply()
         for run_id in fx.stop:
             driver = self.drivers.pop(run_id, None)
             if driver is not None:
                 driver.stop()
-        for run in fx.start:
-            if run.status is RunStatus.RUNNING:
-                self._start_driver(run.run_id)
+        started = [run.run_id for run in fx.start if run.status is RunStatus.RUNNING]
+        # Acks only once the batch is stored (section 3); a new run's driver then too,
+        # so the transcript it reads from the store holds its trigger messages.
+        self.log.then(lambda: self._stored(replies, started))
+
+    def _stored(self, replies: list[Callable[[], None]], started: list[str]) -> None:
+        for reply in replies:
+            reply()
+        for run_id in started:
+            self._start_driver(run_id)
 
     async def _append(self, fx: Effects, born: dict[int, float]) -> None:
         active = self.summary()
@@ -288,8 +296,8 @@ class ConversationActor:
 
     def _start_driver(self, run_id: str) -> None:
         run = self.machine.active
-        assert run is not None
-        assert run.run_id == run_id
+        if self.stopped or run is None or run.run_id != run_id or run_id in self.drivers:
+            return  # it ended (a cancel, say) while its start was being stored
         runner = self.hub.runners.get(run.runner)
         if runner is None:  # the runner went away between routing and start
             self.mailbox.put_nowait(

@@ -1,13 +1,23 @@
 """A conversation's event log: the one place offsets are assigned.
 
 Offsets start at 1 and grow by exactly 1 (PROTOCOL.md section 1).  The log
-numbers a batch of events, encodes each once, writes the batch through the
-group committer and only then publishes it, so no client ever holds an offset
-that the store does not (section 2, durability).  A store- or Redis-backed
-allocator for several nodes replaces `_number`; nothing else here changes.
+numbers a batch of events, encodes each once, hands the batch to the group
+committer and publishes it only once it is stored, so no client ever holds an
+offset that the store does not (section 2, durability).  The actor does not
+wait for that: it goes on with its next inputs while up to PIPELINE_DEPTH
+batches are in flight, and each batch is published, and its callbacks run, in
+append order.  With many conversations an actor's batch then joins the next
+commit instead of the one after.  A store- or Redis-backed allocator for
+several nodes replaces `_number`; nothing else here changes.
 """
 
 from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from gateway.bus import Bus
 from gateway.core.conversation import Effects
@@ -15,6 +25,18 @@ from gateway.outbox import Frame
 from gateway.protocol.frames import MessageCompleted, MessageDelta, UserMessage, encode
 from store.base import ConversationRecord, EventRecord, TurnRecord, WriteBatch
 from store.commit import GroupCommitter
+
+log = logging.getLogger("steerway.eventlog")
+
+PIPELINE_DEPTH = 8  # batches of one conversation in flight to the store
+
+
+@dataclass(slots=True)
+class _InFlight:
+    stored: asyncio.Future[None]
+    head: int
+    frames: list[Frame]
+    then: list[Callable[[], None]] = field(default_factory=list)
 
 
 class EventLog:
@@ -27,17 +49,24 @@ class EventLog:
         self.published = head  # the last offset stored and handed to the bus
         self._committer = committer
         self._bus = bus
+        self._inflight: deque[_InFlight] = deque()
 
     def _number(self) -> int:
         self.head += 1
         return self.head
 
+    @property
+    def busy(self) -> bool:
+        """Batches are on their way to the store."""
+        return bool(self._inflight)
+
     async def append(
         self, fx: Effects, conversation: ConversationRecord | None, born: dict[int, float]
     ) -> list[Frame]:
-        """Number, encode, store and publish the effects' events, with the conversation's
-        document when given; `born` maps an event's index in `fx.events` to when the
-        runner result behind it arrived."""
+        """Number and encode the effects' events and queue them, with the conversation's
+        document when given, for the store; they are published once stored. `born` maps
+        an event's index in `fx.events` to when the runner result behind it arrived.
+        Returns once the batch is queued, after waiting while PIPELINE_DEPTH are."""
         cid = self.conversation_id
         frames: list[Frame] = []
         records: list[EventRecord] = []
@@ -79,8 +108,37 @@ class EventLog:
                 for t in fx.turns
             ],
         )
-        await self._committer.write(batch)
-        self.published = self.head
-        if frames:
-            self._bus.publish(cid, frames)
+        while len(self._inflight) >= PIPELINE_DEPTH:
+            await asyncio.wait([self._inflight[0].stored])
+        stored = await self._committer.submit(batch)
+        self._inflight.append(_InFlight(stored, self.head, frames))
+        stored.add_done_callback(self._stored)
         return frames
+
+    def then(self, callback: Callable[[], None]) -> None:
+        """Run `callback` once every batch appended so far is stored and published
+        (at once when none is in flight)."""
+        if self._inflight:
+            self._inflight[-1].then.append(callback)
+        else:
+            callback()
+
+    async def flush(self) -> None:
+        """Return once every batch appended so far is stored and published."""
+        if self._inflight:
+            await asyncio.wait([self._inflight[-1].stored])
+
+    def _stored(self, _: asyncio.Future[None]) -> None:
+        # Futures may complete in any order; batches are published in append order.
+        while self._inflight and self._inflight[0].stored.done():
+            batch = self._inflight.popleft()
+            if batch.stored.cancelled():  # the committer stopped: nothing more is published
+                continue
+            self.published = batch.head
+            if batch.frames:
+                self._bus.publish(self.conversation_id, batch.frames)
+            for callback in batch.then:
+                try:
+                    callback()
+                except Exception:  # one failing reply must not hold back the others
+                    log.exception("%s: a callback after a commit failed", self.conversation_id)

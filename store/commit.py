@@ -55,9 +55,14 @@ class GroupCommitter:
 
     async def write(self, batch: WriteBatch) -> None:
         """Return once `batch` is durably stored."""
+        await asyncio.shield(await self.submit(batch))
+
+    async def submit(self, batch: WriteBatch) -> asyncio.Future[None]:
+        """Queue `batch` (waiting while the queue is full); the future is done once it is
+        durably stored. Batches are stored, and their futures done, in queue order."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         await self._queue.put((batch, done))
-        await asyncio.shield(done)
+        return done
 
     async def _run(self) -> None:
         while True:
