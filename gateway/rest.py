@@ -129,8 +129,22 @@ class Api:
         return json(body)
 
     async def transcript(self, request: Request) -> Response:
-        turns = await self.store.transcript(_cid(request))
-        return json({"turns": [t.document() for t in turns]})
+        """The newest `limit` turns (in order) before the `before` cursor; `next_before`
+        pages back to older ones, null on the oldest page."""
+        cid = _cid(request)
+        limit = _int(request, "limit", EVENTS_DEFAULT, EVENTS_MAX)
+        raw = request.query_params.get("before")
+        before = None
+        if raw is not None:
+            value = _uncursor(raw)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise _bad("`before` is not a cursor this server gave")
+            before = value
+        turns = await self.store.transcript(cid, limit + 1, before)
+        more = len(turns) > limit
+        turns = turns[-limit:]
+        nxt = _cursor(turns[0].offset) if more else None
+        return json({"turns": [t.document() for t in turns], "next_before": nxt})
 
     async def conversations(self, request: Request) -> Response:
         limit = _int(request, "limit", LISTING_DEFAULT, LISTING_MAX)

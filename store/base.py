@@ -100,7 +100,11 @@ class Store(Protocol):
     async def find_client_message(self, conversation_id: str, client_msg_id: str) -> str | None:
         """The payload of the user.message stored under an idempotency key, if any."""
 
-    async def transcript(self, conversation_id: str) -> list[TurnRecord]: ...
+    async def transcript(
+        self, conversation_id: str, limit: int | None = None, before: int | None = None
+    ) -> list[TurnRecord]:
+        """Turns in offset order: the newest `limit` (all when None) of those whose
+        offset is below `before` (all when None)."""
 
     async def list_conversations(
         self, limit: int, before: tuple[int, str] | None

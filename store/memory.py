@@ -85,9 +85,16 @@ class MemoryStore:
         offset = self._keys.get((conversation_id, client_msg_id))
         return None if offset is None else self._events[conversation_id][offset - 1]
 
-    async def transcript(self, conversation_id: str) -> list[TurnRecord]:
+    async def transcript(
+        self, conversation_id: str, limit: int | None = None, before: int | None = None
+    ) -> list[TurnRecord]:
         self._check()
-        return sorted(self._turns.get(conversation_id, []), key=lambda turn: turn.offset)
+        turns = sorted(self._turns.get(conversation_id, []), key=lambda turn: turn.offset)
+        if before is not None:
+            turns = [turn for turn in turns if turn.offset < before]
+        if limit is not None:
+            turns = turns[-limit:] if limit > 0 else []
+        return turns
 
     async def list_conversations(
         self, limit: int, before: tuple[int, str] | None

@@ -406,12 +406,21 @@ class MongoStore:
             )
         return None if doc is None else str(doc["payloads"][0])
 
-    async def transcript(self, conversation_id: str) -> list[TurnRecord]:
+    async def transcript(
+        self, conversation_id: str, limit: int | None = None, before: int | None = None
+    ) -> list[TurnRecord]:
+        if limit is not None and limit <= 0:
+            return []  # limit(0) means "no limit" to MongoDB
+        query: Document = {"conversation_id": conversation_id}
+        if before is not None:
+            query["offset"] = {"$lt": before}
         with _errors("transcript"):
-            cursor = self._transcripts.find({"conversation_id": conversation_id}).sort(
-                "offset", ASCENDING
-            )
-            return [
+            cursor = self._transcripts.find(query)
+            if limit is None:
+                cursor = cursor.sort("offset", ASCENDING)
+            else:  # the newest page, read backwards along the index, then turned round
+                cursor = cursor.sort("offset", DESCENDING).limit(limit)
+            turns = [
                 TurnRecord(
                     conversation_id=doc["conversation_id"],
                     role=doc["role"],
@@ -423,6 +432,7 @@ class MongoStore:
                 )
                 async for doc in cursor
             ]
+        return turns if limit is None else turns[::-1]
 
     async def list_conversations(
         self, limit: int, before: tuple[int, str] | None

@@ -239,6 +239,9 @@ async def test_bad_query_parameters_and_unknown_paths(gw: Gateway) -> None:
             "/api/runs?limit=0",
             "/api/runs?before=%%%",
             "/api/runs?before=WzFd",
+            "/api/conversations/c1/transcript?before=ImEi",  # base64 of "a": not an offset
+            "/api/conversations/c1/transcript?before=dHJ1ZQ==",  # base64 of true
+            "/api/conversations/c1/transcript?limit=0",
             "/api/runs?status=bogus",
             "/api/runs?conversation_id=-x",
         ]
@@ -262,7 +265,10 @@ async def test_events_transcript_and_unknown_conversations(gw: Gateway) -> None:
             "events": [],
             "head": 0,
         }
-        assert (await http.get("/api/conversations/never/transcript")).json() == {"turns": []}
+        assert (await http.get("/api/conversations/never/transcript")).json() == {
+            "turns": [],
+            "next_before": None,
+        }
         await ws.message("hello  world", "m1")
         first = await expect(ws, "ack", client_msg_id="m1")
         await expect(ws, "run.ended", run_id=first["run_id"])
@@ -288,7 +294,9 @@ async def test_events_transcript_and_unknown_conversations(gw: Gateway) -> None:
         events = ws.events()
         users = [e for e in events if e["type"] == "user.message"]
         replies = [e for e in events if e["type"] == "message.completed"]
-        turns = (await http.get("/api/conversations/read/transcript")).json()["turns"]
+        transcript = (await http.get("/api/conversations/read/transcript")).json()
+        assert transcript["next_before"] is None
+        turns = transcript["turns"]
         assert turns == [
             {
                 "role": "user",
@@ -319,6 +327,34 @@ async def test_events_transcript_and_unknown_conversations(gw: Gateway) -> None:
                 "ts": replies[1]["ts"],
             },
         ]
+
+
+async def test_transcript_pages_back_from_the_newest_turns(gw: Gateway) -> None:
+    async with gw.client() as http:
+        for n in range(3):  # 3 runs: 6 turns
+            ack = await post_ack(http, "pages", {"client_msg_id": f"m{n}", "text": f"t{n}"})
+            async with gw.connect("pages", after=0) as ws:
+                await expect(ws, "run.ended", run_id=ack["run_id"])
+        url = "/api/conversations/pages/transcript"
+        everything = (await http.get(url)).json()
+        assert [t["content"] for t in everything["turns"]] == [
+            "t0", "echo: t0", "t1", "echo: t1", "t2", "echo: t2"
+        ]  # fmt: skip
+        seen: list[str] = []
+        cursor = None
+        while True:  # newest page first, each page in order
+            page = (
+                await http.get(url, params={"limit": 4, **({"before": cursor} if cursor else {})})
+            ).json()
+            seen = [t["content"] for t in page["turns"]] + seen
+            cursor = page["next_before"]
+            if cursor is None:
+                break
+        assert seen == [t["content"] for t in everything["turns"]]
+        first = (await http.get(url, params={"limit": 4})).json()
+        assert [t["content"] for t in first["turns"]] == ["t1", "echo: t1", "t2", "echo: t2"]
+        clamped = (await http.get(url, params={"limit": 10**9})).json()
+        assert clamped == everything
 
 
 async def test_events_limit_default_500_and_clamped_to_5000() -> None:

@@ -586,6 +586,13 @@ async def test_transcripts_in_offset_order(store: Store) -> None:
     assert await store.transcript("c1") == expected
     assert await store.transcript("c2") == [turn("c2", "u1", 1)]
     assert await store.transcript("c3") == []
+    # pages: the newest `limit` below `before`, in order
+    assert await store.transcript("c1", 2) == expected[-2:]
+    assert await store.transcript("c1", 2, expected[-2].offset) == expected[-4:-2]
+    assert await store.transcript("c1", 100, expected[1].offset) == expected[:1]
+    assert await store.transcript("c1", None, expected[2].offset) == expected[:2]
+    assert await store.transcript("c1", 0) == []
+    assert await store.transcript("c1", 5, 0) == []
 
 
 async def test_mongo_collections_and_indexes(backend: Backend) -> None:
