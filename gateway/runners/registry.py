@@ -133,8 +133,10 @@ def build_registry(
     options = dict(options or {})
     registry = RunnerRegistry()
 
-    def add(use: str, name: str | None, **defaults: Any) -> None:
-        opts = options.pop(name, None) if name is not None else None
+    def add(use: str, name: str | None, key: str | None = None, **defaults: Any) -> None:
+        """Add the runner `use` names, as `name`, with the options under `key` or `name`."""
+        key = key or name
+        opts = options.get(key) if key is not None else None
         registry.add(make_runner(use, name, opts, **defaults))
 
     echo = options.get("echo")
@@ -148,17 +150,24 @@ def build_registry(
         except Exception as exc:
             log.error("runner entry point %s (%s) failed to load: %s", point.name, point.value, exc)
     for spec in extra or []:
-        name = spec if ":" not in spec else None
-        add(spec, name)
-    for name, opts in list(options.items()):
+        if ":" in spec:  # named by itself: its options are under that name
+            own = getattr(resolve(spec), "name", None)
+            add(spec, None, own if isinstance(own, str) else None)
+        else:
+            add(spec, spec)
+    for name, opts in options.items():
         if opts.use is not None:
             add(opts.use, name)
-        elif name in BUILTIN:
+        elif name in BUILTIN and registry.local(name) is None:
             add(name, name)
-    # An option section of an in-process runner given as module:attr (its name is its own).
-    for name in [n for n in options if registry.local(n) is not None]:
-        apply_common(registry.local(name), options.pop(name))
-    return registry, options
+    remote: dict[str, RunnerOptions] = {}
+    for name, opts in options.items():
+        runner = registry.local(name)
+        if runner is None:
+            remote[name] = opts
+        else:  # a runner that named itself (a factory's): the options every runner has
+            apply_common(runner, opts)
+    return registry, remote
 
 
 def open_runners(
