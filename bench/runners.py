@@ -46,6 +46,7 @@ from bench.fanout import (  # noqa: E402
     prepare,
     proc_cpu_s,
     report,
+    wait_quiet,
 )
 from bench.runner import Flood  # noqa: E402
 from gateway.runner_client import RunnerClient  # noqa: E402
@@ -59,6 +60,7 @@ class Measurement:
     results: int
     seconds: float
     cpu_us_per_result: float
+    others: float  # share of core 0 other processes used in the second before the run
 
     @property
     def per_s(self) -> float:
@@ -97,7 +99,9 @@ def remote_runner(port: int) -> subprocess.Popen[bytes]:  # type: ignore[misc]
             proc.wait()
 
 
-async def measure(server: Server, runner: str, cid: str, count: int) -> Measurement:
+async def measure(
+    server: Server, runner: str, cid: str, count: int, others: float = 0.0
+) -> Measurement:
     url = f"ws://127.0.0.1:{server.port}/ws/conversations/{cid}"
     async with websockets.connect(url, max_size=None) as ws:
         await ws.recv()  # ready
@@ -121,7 +125,7 @@ async def measure(server: Server, runner: str, cid: str, count: int) -> Measurem
         raise RuntimeError(f"{runner}: the run ended {ended}")
     seconds = max(0.001, (ended["ts"] - started["ts"]) / 1000)
     results = count + 1  # the deltas and run.completed
-    return Measurement(runner, results, seconds, cpu / results * 1e6)
+    return Measurement(runner, results, seconds, cpu / results * 1e6, others)
 
 
 async def bench(args: argparse.Namespace, logdir: Path) -> list[Measurement]:
@@ -137,10 +141,12 @@ async def bench(args: argparse.Namespace, logdir: Path) -> list[Measurement]:
             await measure(server, REMOTE, "warm-b", 2000)
             for i in range(args.repeat):
                 for runner in ("flood", REMOTE):
-                    m = await measure(server, runner, f"{runner}-{i}", args.count)
+                    others = await wait_quiet(lambda: proc_cpu_s(server.pid), args.quiet_wait)
+                    m = await measure(server, runner, f"{runner}-{i}", args.count, others)
                     print(
                         f"  {runner:13s} {m.results} results in {m.seconds:.3f} s = "
-                        f"{m.per_s:9.0f}/s, gateway {m.cpu_us_per_result:5.1f} µs/result",
+                        f"{m.per_s:9.0f}/s, gateway {m.cpu_us_per_result:5.1f} µs/result, "
+                        f"others {m.others:.0%} of core 0 before",
                         flush=True,
                     )
                     out.append(m)
@@ -187,6 +193,12 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3, help="runs per runner")
     parser.add_argument(
         "--runner-rate", type=float, help="STEERWAY_RUNNER_RATE_PER_S (default: the gateway's)"
+    )
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=30.0,
+        help="before each run, wait up to this many seconds for core 0 to be free of other load",
     )
     parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
     parser.add_argument("--serve", metavar="URL", help=argparse.SUPPRESS)

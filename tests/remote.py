@@ -13,9 +13,10 @@ import websockets
 
 from tests.conftest import Gateway
 from tests.helpers import TIMEOUT
+from tests.processes import GatewayProcess
 
 
-def runners_url(gw: Gateway) -> str:
+def runners_url(gw: Gateway | GatewayProcess) -> str:
     return f"ws://127.0.0.1:{gw.port}/ws/runners"
 
 

@@ -9,19 +9,24 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
+
+import websockets
 
 from gateway.runner_client import RunnerClient
 from gateway.runners.echo import EchoRunner
 from gateway.runnersocket import RunnerConnection
-from tests.conftest import Gateway
+from tests.conftest import Client, Gateway
 from tests.helpers import TIMEOUT, ack_of, expect
-from tests.processes import ROOT, STARTUP, alive
+from tests.processes import ROOT, STARTUP, GatewayProcess, alive, spawn_gateway
 from tests.remote import runners_url
 from tests.test_runs_ws import start
 
 
 @contextlib.asynccontextmanager
-async def example(gw: Gateway, name: str) -> AsyncIterator[asyncio.subprocess.Process]:
+async def example(
+    gw: Gateway | GatewayProcess, name: str
+) -> AsyncIterator[asyncio.subprocess.Process]:
     """examples/echo_remote.py as a process of its own, once the gateway said `ready`."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -109,3 +114,31 @@ async def test_the_client_reconnects_after_the_gateway_drops_it(gw: Gateway) -> 
         serving.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await serving
+
+
+async def test_serve_with_a_remote_default_runner_and_a_runners_config(tmp_path: Path) -> None:
+    """`steerway serve --runner NAME` with no in-process NAME: remote runners serve it,
+    with the options of its section in `--runners-config`."""
+    config = tmp_path / "runners.toml"
+    config.write_text("[runners.far-agent]\nsupports_steering = false\n")
+    gw = await spawn_gateway(
+        "--store", "memory", "--runner", "far-agent", "--runners-config", str(config)
+    )
+    try:
+        async with (
+            example(gw, "far-agent"),
+            websockets.connect(f"{gw.ws}/ws/conversations/cli?after=0") as ws,
+        ):
+            client = Client(ws)
+            await client.recv()  # ready
+            ack, started = await start(client, "one two three four five six", "m1")
+            assert started["runner"] == "far-agent"
+            await client.message("now", "m2", mode="steer")
+            refused = await expect(client, "error", client_msg_id="m2")
+            assert refused["code"] == "runner_unavailable"  # the config says it cannot steer
+            await client.message("then", "m3")
+            assert (await ack_of(client, "m3"))["route"] == "queue"
+            ended = await expect(client, "run.ended", run_id=ack["run_id"])
+            assert ended["status"] == "completed"
+    finally:
+        assert await gw.terminate() == 0
