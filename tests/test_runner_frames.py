@@ -59,7 +59,9 @@ json_values = st.recursive(
 @given(
     st.dictionaries(
         st.sampled_from(["type", "run_id", "result", "extra"]),
-        st.one_of(st.just("result"), st.text(max_size=70), st.integers(), json_values),
+        st.one_of(
+            st.just("result"), st.text(max_size=70), st.integers(-(2**63), 2**63 - 1), json_values
+        ),
         max_size=4,
     )
 )
