@@ -18,7 +18,8 @@ from gateway.conversation import ConversationHub
 from gateway.metrics import Metrics
 from gateway.protocol.codes import ErrorCode
 from gateway.rest import Api, error
-from gateway.runners.registry import RunnerRegistry, default_registry
+from gateway.runners.registry import RunnerRegistry, open_runners
+from gateway.runnersocket import RunnerSocket
 from gateway.ws import ConversationSocket
 from store.base import Store
 from store.embedded import EmbeddedMongo
@@ -53,9 +54,7 @@ def create_app(
     bus: Bus | None = None,
 ) -> Starlette:
     settings = settings or Settings.load()
-    runners = runners or default_registry(settings.echo_delay_ms, settings.runners)
-    if runners.get(settings.runner) is None:
-        raise ValueError(f"default runner {settings.runner!r} is not one of {runners.names()}")
+    runners, pool = open_runners(settings, runners)
     metrics = Metrics()
     hub = ConversationHub(settings, store, bus or MemoryBus(), runners, metrics)
     metrics.store_batches.set_function(lambda: hub.committer.batches)
@@ -86,6 +85,7 @@ def create_app(
         *api.routes(),
         Route("/api/{rest:path}", not_found, methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),
         WebSocketRoute("/ws/conversations/{conversation_id}", ConversationSocket(hub)),
+        WebSocketRoute("/ws/runners", RunnerSocket(hub, pool)),
     ]
     if settings.web_dir.is_dir():
         routes.append(Mount("/", StaticFiles(directory=settings.web_dir, html=True), name="web"))

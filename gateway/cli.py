@@ -30,7 +30,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", help="the embedded store's data (STEERWAY_DATA_DIR)")
     serve.add_argument("--runner", help="default runner of new conversations (STEERWAY_RUNNER)")
     serve.add_argument(
-        "--runners", nargs="*", help="extra runners as module:attr (STEERWAY_RUNNERS)"
+        "--runners", nargs="*", help="extra runners: module:attr or names (STEERWAY_RUNNERS)"
+    )
+    serve.add_argument(
+        "--runners-config", help="per-runner options, a TOML file (STEERWAY_RUNNERS_CONFIG)"
     )
     serve.add_argument("--echo-delay-ms", type=float, help="echo runner delay per word")
     serve.add_argument(

@@ -30,12 +30,13 @@ from gateway.core.conversation import ConversationMachine, Effects
 from gateway.core.ids import now_ms
 from gateway.core.recovery import Recovered, rebuild
 from gateway.core.routing import Refusal
-from gateway.core.runs import RunStatus, UserText
+from gateway.core.runs import UserText
 from gateway.errors import RoutingError, SteerwayError, StoreUnavailable
 from gateway.eventlog import EventLog
 from gateway.metrics import Metrics
 from gateway.orchestrator import (
     DriverInput,
+    RunAssigned,
     RunDriver,
     RunFinished,
     RunOutput,
@@ -44,7 +45,7 @@ from gateway.orchestrator import (
 )
 from gateway.protocol.codes import ErrorCode
 from gateway.protocol.frames import Ack, MessageFrame, RunError, RunSummary, UserMessage
-from gateway.runners.base import TranscriptMessage
+from gateway.runners.base import TranscriptMessage, context_messages
 from gateway.runners.registry import RunnerRegistry
 from store.base import ConversationRecord, Store, StoreError
 from store.commit import GroupCommitter
@@ -179,7 +180,8 @@ class ConversationActor:
             driver = self.drivers.pop(run_id, None)
             if driver is not None:
                 driver.stop()
-        started = [run.run_id for run in fx.start if run.status is RunStatus.RUNNING]
+        # running, or queued for a remote runner
+        started = [run.run_id for run in fx.start if run is self.machine.active]
         # Acks only once the batch is stored (section 3); a new run's driver then too,
         # so the transcript it reads from the store holds its trigger messages.
         self.log.then(lambda: self._stored(replies, started))
@@ -238,6 +240,8 @@ class ConversationActor:
             machine.timeout(item.run_id, item.reason, now)
         elif isinstance(item, RunFinished):
             machine.runner_finished(item.run_id, item.error, now)
+        elif isinstance(item, RunAssigned):
+            machine.assigned(item.run_id, now)
         elif isinstance(item, Recover):
             machine.restore(item.state, now)
 
@@ -316,19 +320,26 @@ class ConversationActor:
             run,
             runner,
             self.post,
-            self._transcript,
+            lambda: self._transcript(run_id),
             deadline_s=settings.run_deadline_s,
             idle_s=settings.run_idle_s,
         )
         self.drivers[run_id] = driver
         driver.start()
 
-    async def _transcript(self) -> list[TranscriptMessage]:
+    async def _transcript(self, run_id: str) -> list[TranscriptMessage]:
         turns = await self.hub.store.transcript(self.conversation_id)
-        return [
+        messages = [
             TranscriptMessage(t.message_id, t.role, t.content, t.run_id, t.ts)  # type: ignore[arg-type]
             for t in turns
         ]
+        machine = self.machine
+        run = machine.live_run(run_id)
+        if run is None:
+            return messages
+        pending = {m.message_id for queued in machine.queue for m in queued.triggers}
+        pending.update(m.message_id for m in run.steering)
+        return context_messages(messages, run.trigger_message_ids, pending)
 
 
 def _resolver(future: asyncio.Future[list[UserText]], value: list[UserText]) -> Callable[[], None]:

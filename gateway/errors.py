@@ -30,6 +30,12 @@ class RoutingError(SteerwayError):
     """A well-formed request the conversation cannot take (queue_full, no_active_run, ...)."""
 
 
+class RunnerUnavailable(SteerwayError):
+    """No runner of the name a run needs took it in time (or none may wait for one)."""
+
+    code = ErrorCode.RUNNER_UNAVAILABLE
+
+
 class StoreUnavailable(SteerwayError):
     """The store did not answer; nothing was stored."""
 

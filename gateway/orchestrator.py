@@ -21,8 +21,10 @@ from typing import Any, Literal
 from gateway.core.ids import now_ms
 from gateway.core.results import Result, ResultNormalizer
 from gateway.core.runs import Run, UserText
+from gateway.errors import RunnerUnavailable
 from gateway.protocol.frames import RunError
 from gateway.runners.base import (
+    Placed,
     RunContext,
     Runner,
     SteeringMessage,
@@ -46,6 +48,13 @@ class RunTimeout:
 
 
 @dataclass(slots=True)
+class RunAssigned:
+    """A remote runner took a run that waited for one: it starts now."""
+
+    run_id: str
+
+
+@dataclass(slots=True)
 class RunFinished:
     run_id: str
     error: RunError | None
@@ -59,7 +68,7 @@ class SteeringPull:
     reply: asyncio.Future[list[UserText]]
 
 
-DriverInput = RunOutput | RunTimeout | RunFinished | SteeringPull
+DriverInput = RunOutput | RunTimeout | RunFinished | SteeringPull | RunAssigned
 Post = Callable[[DriverInput], Coroutine[Any, Any, None]]
 
 
@@ -104,10 +113,15 @@ class RunDriver:
         self.ctx: RunContext | None = None
 
     def start(self) -> None:
+        if not isinstance(self._runner, Placed):
+            self._arm()  # a remote run's limits count from when a runner takes it
+        self._task = asyncio.create_task(self._drive(), name=f"run-{self.run.run_id}")
+
+    def _arm(self) -> None:
         loop = asyncio.get_running_loop()
+        self._last = time.monotonic()
         self._timers["deadline"] = loop.call_later(self._deadline_s, self._expire, "deadline")
         self._timers["idle"] = loop.call_later(self._idle_s, self._check_idle)
-        self._task = asyncio.create_task(self._drive(), name=f"run-{self.run.run_id}")
 
     def stop(self) -> None:
         """The run has ended: stop the runner now, cooperating or not."""
@@ -162,6 +176,25 @@ class RunDriver:
             deadline_ms=now_ms() + int(self._deadline_s * 1000),
         )
         self.ctx = ctx
+        runner = self._runner
+        if not isinstance(runner, Placed):
+            error = await self._consume(ctx)
+        else:
+            try:
+                async with runner.place(ctx):  # waits for a free remote runner
+                    await self._post(RunAssigned(run.run_id))
+                    ctx.deadline_ms = now_ms() + int(self._deadline_s * 1000)
+                    self._arm()
+                    error = await self._consume(ctx)
+            except RunnerUnavailable as exc:
+                error = RunError(code="runner_unavailable", message=str(exc), retryable=True)
+        if not self._ended:
+            await self._post(RunFinished(run.run_id, error))
+
+    async def _consume(self, ctx: RunContext) -> RunError | None:
+        """Feed the runner's results through the result rules to the actor; the error
+        that ended it, if it raised."""
+        run = self.run
         rules = ResultNormalizer()
         error: RunError | None = None
         gen = self._runner.run(ctx)
@@ -183,5 +216,4 @@ class RunDriver:
         finally:
             with contextlib.suppress(Exception):
                 await gen.aclose()  # type: ignore[attr-defined]
-        if not self._ended:
-            await self._post(RunFinished(run.run_id, error))
+        return error

@@ -17,7 +17,10 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.http11 import Request
 from websockets.protocol import State
 
+from gateway.protocol.frames import MAX_RUNNER_FRAME_BYTES
+
 PREBUILT = "steerway.prebuilt"
+RUNNERS_PATH = "/ws/runners"
 
 
 def text_frame(payload: bytes) -> bytes:
@@ -36,6 +39,10 @@ class SteerwayWebSocketProtocol(WebSocketsSansIOProtocol):
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)
         scope: dict[str, Any] | None = getattr(self, "scope", None)
+        if scope is not None and scope["path"] == RUNNERS_PATH:
+            # A runner's result may be up to 1 MiB and is truncated beyond (section 10),
+            # so its frames may exceed the clients' limit; past this one it is closed 1009.
+            self.conn.max_message_size = MAX_RUNNER_FRAME_BYTES
         if scope is not None and not self.conn.extensions:  # no compression negotiated
             scope["extensions"][PREBUILT] = {"write": self.write_prebuilt}
 

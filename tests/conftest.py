@@ -138,6 +138,27 @@ class _Server(uvicorn.Server):
 
 
 @contextlib.asynccontextmanager
+async def serve_asgi(app: Any, **options: Any) -> AsyncIterator[int]:
+    """Serve an ASGI app with uvicorn on a free port in this event loop; its port."""
+    sock = free_socket()
+    options = {"loop": "asyncio", "http": "h11", "log_level": "warning", **options}
+    server = _Server(uvicorn.Config(app, **options))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        ready = asyncio.create_task(server.ready.wait())
+        await asyncio.wait({task, ready}, timeout=TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        if task.done():
+            task.result()  # startup failed: raise its error
+        assert server.started, "the server did not start in time"
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, TIMEOUT)
+        sock.close()
+
+
+@contextlib.asynccontextmanager
 async def run_gateway(
     runners: list[Any] | None = None,
     store: MemoryStore | None = None,
@@ -149,32 +170,14 @@ async def run_gateway(
     store = store or MemoryStore()
     registry = RunnerRegistry([EchoRunner(delay_ms=config.echo_delay_ms), *(runners or [])])
     app = create_app(config, store=store, runners=registry)
-    sock = free_socket()
-    server = _Server(
-        uvicorn.Config(
-            app,
-            loop="asyncio",
-            http="h11",
-            ws=SteerwayWebSocketProtocol,
-            ws_max_size=config.max_frame_bytes,
-            ws_per_message_deflate=config.ws_compression,
-            lifespan="on",
-            log_level="warning",
-        )
-    )
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        ready = asyncio.create_task(server.ready.wait())
-        await asyncio.wait({task, ready}, timeout=TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
-        ready.cancel()
-        if task.done():
-            task.result()  # startup failed: raise its error
-        assert server.started, "the gateway did not start in time"
-        yield Gateway(app, sock.getsockname()[1], store)
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, TIMEOUT)
-        sock.close()
+    async with serve_asgi(
+        app,
+        ws=SteerwayWebSocketProtocol,
+        ws_max_size=config.max_frame_bytes,
+        ws_per_message_deflate=config.ws_compression,
+        lifespan="on",
+    ) as port:
+        yield Gateway(app, port, store)
 
 
 @pytest.fixture

@@ -57,6 +57,9 @@ class RunnerSpec:
     name: str
     supports_steering: bool = True
     leftover_steering: Leftover = "follow_up"
+    # Served by remote runners: a run it starts stays `queued`, though active, until a
+    # runner takes it (`assigned`); only then is `run.started` written.
+    remote: bool = False
 
 
 @dataclass(slots=True)
@@ -303,6 +306,13 @@ class ConversationMachine:
         self._changed(run)
         return taken
 
+    def assigned(self, run_id: str, now: int) -> None:
+        """A remote runner took the active run, which waited for one: it starts now."""
+        run = self.active
+        if run is not None and run.run_id == run_id and run.status is RunStatus.QUEUED:
+            run.start(now)
+            self._emit_started(run, now)
+
     def timeout(self, run_id: str, reason: Literal["deadline", "idle"], now: int) -> None:
         run = self.active
         if run is not None and run.run_id == run_id:
@@ -331,8 +341,15 @@ class ConversationMachine:
         return Run(run_id, self.conversation_id, runner, kind, triggers, created_at=now)
 
     def _start(self, run: Run, now: int) -> None:
-        run.start(now)
         self.active = run
+        self.fx.start.append(run)
+        if self._spec(run).remote:
+            self._changed(run)  # active, but queued until a remote runner takes it
+            return
+        run.start(now)
+        self._emit_started(run, now)
+
+    def _emit_started(self, run: Run, now: int) -> None:
         self._emit(
             RunStarted(
                 conversation_id=self.conversation_id,
@@ -342,7 +359,6 @@ class ConversationMachine:
                 trigger_message_ids=run.trigger_message_ids,
             )
         )
-        self.fx.start.append(run)
         self._changed(run)
 
     def _complete_message(self, run: Run, message: AssistantMessage, now: int) -> None:

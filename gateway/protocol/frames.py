@@ -9,6 +9,7 @@ here too, by `validate_result_data`.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Literal
 
 import orjson
@@ -16,6 +17,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Discriminator,
+    Field,
     StringConstraints,
     TypeAdapter,
     ValidationError,
@@ -402,6 +404,135 @@ RESULT_SCHEMAS: dict[str, type[Strict]] = {
 def validate_result_data(kind: str, data: object) -> ResultData:
     """Validate the `data` of a runner result of a known type (raises ValidationError)."""
     return RESULT_SCHEMAS[kind].model_validate(data)  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- runner socket
+# `/ws/runners` (section 10): what a remote runner sends, and what the gateway sends it.
+
+RunId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+RequestId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+MAX_RUNNER_CONCURRENCY = 1000
+MAX_RUNNER_FRAME_BYTES = 2 * 1024 * 1024  # a frame from a runner; closed 1009 beyond
+
+
+class HelloFrame(Strict):
+    type: Literal["hello"]
+    runner: RunnerName
+    supports_steering: bool = True
+    max_concurrency: Annotated[int, Field(ge=1, le=MAX_RUNNER_CONCURRENCY)] = 1
+
+
+class ResultFrame(Strict):
+    type: Literal["result"]
+    run_id: RunId
+    result: Any  # checked by the result rules (gateway.core.results), as any runner's result
+
+
+class SteeringPullFrame(Strict):
+    type: Literal["steering.pull"]
+    run_id: RunId
+    request_id: RequestId
+    mode: Literal["all", "one"] = "all"
+    limit: Annotated[int, Field(ge=1, le=100)] = 100
+
+
+RunnerFrame = HelloFrame | ResultFrame | SteeringPullFrame
+_runner_frame: TypeAdapter[RunnerFrame] = TypeAdapter(Annotated[RunnerFrame, Discriminator("type")])
+
+
+class RunnerReady(Strict):
+    """The answer to a valid `hello`: from now on the runner may be assigned runs."""
+
+    type: Literal["ready"] = "ready"
+    protocol: int = PROTOCOL_VERSION
+    runner: str
+    session_id: str
+
+
+class TranscriptItem(Strict):
+    message_id: str
+    role: Literal["user", "assistant"]
+    content: str
+    run_id: str
+    ts: int
+
+
+class SteeringItem(Strict):
+    message_id: str
+    text: str
+    author: str
+    ts: int
+
+
+class RunAssign(Strict):
+    type: Literal["run.assign"] = "run.assign"
+    run_id: str
+    conversation_id: str
+    trigger_message_ids: list[str]
+    messages: list[TranscriptItem]
+    deadline_ms: int
+
+
+class SteeringBatch(Strict):
+    type: Literal["steering.batch"] = "steering.batch"
+    request_id: str
+    messages: list[SteeringItem]
+
+
+class RunCancel(Strict):
+    type: Literal["run.cancel"] = "run.cancel"
+    run_id: str
+
+
+class RunnerErrorFrame(Strict):
+    omit_none = ("run_id", "request_id")
+    type: Literal["error"] = "error"
+    code: ErrorCode
+    message: str
+    run_id: str | None = None
+    request_id: str | None = None
+
+
+GatewayFrame = RunnerReady | RunAssign | SteeringBatch | RunCancel | RunnerErrorFrame
+_gateway_frame: TypeAdapter[GatewayFrame] = TypeAdapter(
+    Annotated[GatewayFrame, Discriminator("type")]
+)
+
+
+def result_frame(run_id: str, result: Mapping[str, Any]) -> bytes:
+    """A runner's `result` frame, built without a model: the runner client's hot path."""
+    return orjson.dumps({"type": "result", "run_id": run_id, "result": result})
+
+
+def parse_runner_frame(raw: str | bytes) -> RunnerFrame:
+    """Parse a frame a remote runner sent; raise FrameError (invalid_json, invalid_frame)."""
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise FrameError("the frame is not valid JSON", code=ErrorCode.INVALID_JSON) from None
+    if not isinstance(obj, dict):
+        raise FrameError("a frame must be a JSON object")
+    kind = obj.get("type")
+    if kind == "result" and len(obj) == 3 and "result" in obj:
+        run_id = obj.get("run_id")
+        if isinstance(run_id, str) and 0 < len(run_id) <= 64:
+            # The hot path, a third of a remote result's cost otherwise: exactly what the
+            # model checks (its three fields, `result` any JSON), without pydantic.
+            return ResultFrame.model_construct(type="result", run_id=run_id, result=obj["result"])
+    if kind not in ("hello", "result", "steering.pull"):
+        raise FrameError(f"unknown frame type {str(kind)[:64]!r}")
+    try:
+        return _runner_frame.validate_python(obj)
+    except ValidationError as exc:
+        raise _frame_error(exc, None) from None
+
+
+def parse_gateway_frame(raw: str | bytes) -> GatewayFrame:
+    """Parse a frame the gateway sent to a runner (the runner client's side)."""
+    try:
+        return _gateway_frame.validate_json(raw, strict=False)
+    except ValidationError as exc:
+        raise _frame_error(exc, None) from None
 
 
 def result_size(result: object) -> int:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 Result = Mapping[str, Any]
 
@@ -63,6 +64,27 @@ class Runner(Protocol):
     idle_s: float | None  # None: the gateway's default (60 s)
 
     def run(self, ctx: RunContext) -> AsyncIterator[Result]: ...
+
+
+@runtime_checkable
+class Placed(Protocol):
+    """A runner served elsewhere (gateway.runners.remote): a run first waits for a place
+    on one; `place` raises RunnerUnavailable when none comes in time, and frees the
+    place when the run is over."""
+
+    def place(self, ctx: RunContext) -> AbstractAsyncContextManager[None]: ...
+
+
+def context_messages(
+    turns: list[TranscriptMessage], triggers: list[str], pending: set[str]
+) -> list[TranscriptMessage]:
+    """The transcript a run is given: every turn but the user messages no run has taken
+    yet (`pending`: the triggers of queued runs, steering still waiting), with this run's
+    trigger messages last, in trigger order."""
+    first = set(triggers)
+    found = {t.message_id: t for t in turns if t.message_id in first}
+    kept = [t for t in turns if t.message_id not in first and t.message_id not in pending]
+    return kept + [found[m] for m in triggers if m in found]
 
 
 def delta(chunk: str) -> dict[str, Any]:
