@@ -251,3 +251,14 @@ async def test_a_dashboard_that_stops_reading_is_closed_4008(gw: Gateway) -> Non
     inbox.put_nowait({"type": "websocket.disconnect", "code": 4008})
     await asyncio.wait_for(task, TIMEOUT)
     assert gw.hub.dashboard._outboxes == {}
+
+
+async def test_dashboard_page_is_served(gw: Gateway) -> None:
+    async with gw.client() as http:
+        page = await http.get("/dashboard")
+        assert page.status_code == 200
+        assert page.headers["content-type"].startswith("text/html")
+        assert "/js/dashboard.js" in page.text
+        chat = await http.get("/")
+        assert chat.status_code == 200
+        assert "/js/chat.js" in chat.text

@@ -3,7 +3,7 @@
 The gateway is `tests.conftest.run_gateway` (uvicorn on a free port, memory store)
 running in a thread with its own event loop, so the tests use Playwright's sync
 API; `LiveGateway.call` runs a function in the gateway's loop (to feed a runner,
-open a gate).  One Chromium serves the session; every test gets a fresh context
+open a gate).  One Chromium serves each test module; every test gets a fresh context
 (no storage, no cache) and fails if a page raised an uncaught error or opened a
 dialog (`alert()` from a message would be one).
 """
@@ -119,7 +119,10 @@ def serve() -> Iterator[Callable[..., LiveGateway]]:
         live.stop()
 
 
-@pytest.fixture(scope="session")
+# Per module, not per session: while Playwright's sync API is open, its event loop is
+# the thread's running loop, and the asyncio tests that pytest runs after this folder
+# could not start their own.
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     if not os.access(CHROMIUM, os.X_OK):
         pytest.fail(f"{CHROMIUM} is missing: `make test` installs Debian's chromium")

@@ -22,6 +22,7 @@ export class ConnectionBanner {
   /** Follow a LiveSocket status: {state, retryIn, code}. */
   update(status) {
     document.body.dataset.connection = status.state;
+    this.root.dataset.attempt = status.attempt || 0; // reconnect attempts so far
     clearInterval(this.ticker);
     if (status.state === "open") {
       this.root.hidden = true;
