@@ -72,7 +72,7 @@ export class MessageList {
     if (item.kind === "tool") {
       return h("details", { class: "tool" }, h("summary"), h("pre", { class: "tool-io" }));
     }
-    return h("p", { class: `notice status-${item.status}`, role: "note" });
+    return h("p", { class: `notice pill status-${item.status}`, role: "note" });
   }
 
   drawUser(node, item, timeline) {
