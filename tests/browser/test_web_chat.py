@@ -9,8 +9,7 @@ import re
 import pytest
 from playwright.sync_api import Page, expect
 
-from tests.browser.chat import Chat
-from tests.browser.conftest import screenshot
+from tests.browser.conftest import Chat, screenshot
 from tests.helpers import Fed, Gated, completed, delta, run_completed
 
 pytestmark = pytest.mark.browser

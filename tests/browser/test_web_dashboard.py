@@ -11,8 +11,7 @@ import httpx
 import pytest
 from playwright.sync_api import BrowserContext, Locator, Page, WebSocketRoute, expect
 
-from tests.browser.chat import Chat
-from tests.browser.conftest import LiveGateway, screenshot
+from tests.browser.conftest import Chat, LiveGateway, screenshot
 from tests.helpers import Gated
 
 pytestmark = pytest.mark.browser

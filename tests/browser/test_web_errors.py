@@ -9,8 +9,7 @@ import re
 import pytest
 from playwright.sync_api import Page, Route, WebSocketRoute, expect
 
-from tests.browser.chat import Chat
-from tests.browser.conftest import LiveGateway
+from tests.browser.conftest import Chat, LiveGateway
 from tests.helpers import Gated
 
 pytestmark = pytest.mark.browser

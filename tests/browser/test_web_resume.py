@@ -12,7 +12,7 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 from playwright.sync_api import BrowserContext, Page, WebSocketRoute, expect
 
-from tests.browser.chat import Chat
+from tests.browser.conftest import Chat
 from tests.helpers import Fed, completed, delta, run_completed
 
 pytestmark = pytest.mark.browser

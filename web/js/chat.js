@@ -7,10 +7,8 @@
 // while offline wait in the timeline's outgoing list and go out on reconnect with
 // their original client_msg_id; the server's idempotency makes a resend appear once.
 
-import { MAX_TEXT_CHARS, api, plain } from "./api.js";
-import { byId, duration, h, perFrame, replace } from "./dom.js";
 import { MessageList } from "./messages.js";
-import { Alert, ConnectionBanner } from "./notices.js";
+import { Alert, ConnectionBanner, MAX_TEXT_CHARS, api, byId, duration, h, perFrame, plain, replace } from "./page.js";
 import { LiveSocket } from "./socket.js";
 import { Timeline } from "./timeline.js";
 

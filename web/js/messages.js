@@ -1,8 +1,8 @@
 // The message list of the chat: draws a Timeline's items, redrawing only the ones
 // that changed, and keeps the view pinned to the bottom while the person is there.
 
-import { h, replace } from "./dom.js";
 import { renderMarkdown } from "./markdown.js";
+import { h, replace } from "./page.js";
 
 const ROUTE_LABELS = {
   queue: "Queued: runs after the current run",

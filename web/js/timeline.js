@@ -9,7 +9,7 @@
 //   tool       a tool call
 //   notice     how a run ended when it did not complete (failed, stopped, timed out)
 
-import { plain } from "./api.js";
+import { plain } from "./page.js";
 
 const DROP_REASONS = {
   cancelled: "the run was stopped before the agent read it",
