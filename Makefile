@@ -46,7 +46,15 @@ lint: $(VENV)/.installed-test
 typecheck: $(VENV)/.installed-test
 	$(BIN)/mypy --strict gateway store
 
-pytest: $(VENV)/.installed-test $(MONGOECO_VENV)/.installed
+# The browser tests drive Debian's Chromium (never a browser Playwright downloads).
+CHROMIUM := /usr/bin/chromium
+
+$(CHROMIUM):
+	@echo "installing Debian's chromium for the browser tests"
+	DEBIAN_FRONTEND=noninteractive apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+
+pytest: $(VENV)/.installed-test $(MONGOECO_VENV)/.installed $(CHROMIUM)
 	$(BIN)/python -m pytest -W error
 
 test: lint typecheck pytest

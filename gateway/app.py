@@ -8,13 +8,14 @@ from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
+from starlette.responses import FileResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
 from gateway.bus import Bus, MemoryBus
 from gateway.config import Settings
 from gateway.conversation import ConversationHub
+from gateway.dashboard import DashboardSocket
 from gateway.metrics import Metrics
 from gateway.protocol.codes import ErrorCode
 from gateway.rest import Api, error
@@ -86,8 +87,15 @@ def create_app(
         Route("/api/{rest:path}", not_found, methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),
         WebSocketRoute("/ws/conversations/{conversation_id}", ConversationSocket(hub)),
         WebSocketRoute("/ws/runners", RunnerSocket(hub, pool)),
+        WebSocketRoute("/ws/dashboard", DashboardSocket(hub)),
     ]
     if settings.web_dir.is_dir():
+        dashboard_page = settings.web_dir / "dashboard.html"
+
+        async def dashboard(request: Request) -> Response:
+            return FileResponse(dashboard_page)
+
+        routes.append(Route("/dashboard", dashboard))
         routes.append(Mount("/", StaticFiles(directory=settings.web_dir, html=True), name="web"))
 
     @contextlib.asynccontextmanager

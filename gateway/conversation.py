@@ -31,6 +31,7 @@ from gateway.core.ids import now_ms
 from gateway.core.recovery import Recovered, rebuild
 from gateway.core.routing import Refusal
 from gateway.core.runs import UserText
+from gateway.dashboard import DashboardFeed
 from gateway.errors import RoutingError, SteerwayError, StoreUnavailable
 from gateway.eventlog import EventLog
 from gateway.metrics import Metrics
@@ -205,6 +206,8 @@ class ConversationActor:
             record.runner, record.active_run = state
             record.last_activity = now
         await self.log.append(fx, record if write else None, born)
+        docs = [run.document() for run in fx.runs.values()]  # as this batch stores them
+        self.log.then(lambda: self.hub.dashboard.appended(self.conversation_id, docs))
         metrics = self.hub.metrics
         for event in fx.events:
             metrics.events.labels(event.type).inc()
@@ -384,6 +387,7 @@ class ConversationHub:
         self.committer = GroupCommitter(store)
         self.node = settings.node or f"{socket.gethostname()}:{os.getpid()}"
         self.actors: dict[str, ConversationActor] = {}
+        self.dashboard = DashboardFeed(self)
         self._loading: dict[str, asyncio.Future[ConversationActor]] = {}
 
     def start(self) -> None:

@@ -156,6 +156,7 @@ class Session:
         # No await from here to the end of the block: every event after `head` reaches the
         # outbox through the bus, every event up to `head` is in the store (section 2).
         hub.bus.subscribe(self.cid, self.outbox)
+        hub.dashboard.clients_changed(self.cid)
         head = actor.log.published
         self.outbox.floor = max(head, self.after or 0)
         ready = Ready(
@@ -172,6 +173,7 @@ class Session:
             await self._read()
         finally:
             hub.bus.unsubscribe(self.cid, self.outbox)
+            hub.dashboard.clients_changed(self.cid)
             metrics.connections.labels("conversation").dec()
             self.outbox.close()
             await writer

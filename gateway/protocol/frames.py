@@ -327,6 +327,49 @@ def coalesce(first: MessageDelta, parts: list[MessageDelta]) -> CoalescedDelta:
     )
 
 
+# --------------------------------------------------------------------------- dashboard (section 9)
+
+
+class ConversationListing(Strict):
+    """A conversation as listed by REST (section 8) and the dashboard."""
+
+    conversation_id: str
+    head: int
+    last_activity: int
+    active_run: RunSummary | None
+
+
+class NodeInfo(Strict):
+    name: str  # the node's name, as written on the runs it owns
+    protocol: int = PROTOCOL_VERSION
+    started_at: int
+    conversations: int  # conversations this node has loaded now
+
+
+class Snapshot(Strict):
+    type: Literal["snapshot"] = "snapshot"
+    runs: list[dict[str, Any]]
+    conversations: list[ConversationListing]
+    clients: dict[str, int]
+    node: NodeInfo
+
+
+class RunUpdated(Strict):
+    type: Literal["run.updated"] = "run.updated"
+    run: dict[str, Any]
+
+
+class ConversationUpdated(Strict):
+    type: Literal["conversation.updated"] = "conversation.updated"
+    conversation: ConversationListing
+
+
+class ClientsUpdated(Strict):
+    type: Literal["clients.updated"] = "clients.updated"
+    conversation_id: str
+    count: int
+
+
 def encode(frame: Strict) -> bytes:
     """Encode a frame once: these bytes (as text) are what every client is sent."""
     return orjson.dumps(frame.wire())

@@ -1,0 +1,159 @@
+"""The runs dashboard in Chromium (issue 5, items 4 and 7): a live table of runs with
+filters and a cancel action, clients per conversation, live charts, one run's events,
+and a reconnect that starts again from a fresh snapshot."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import httpx
+import pytest
+from playwright.sync_api import BrowserContext, Locator, Page, WebSocketRoute, expect
+
+from tests.browser.conftest import Chat, LiveGateway, screenshot
+from tests.helpers import Gated
+
+pytestmark = pytest.mark.browser
+
+
+def post(live: LiveGateway, conversation_id: str, **body: Any) -> dict[str, Any]:
+    response = httpx.post(
+        f"{live.url}/api/conversations/{conversation_id}/messages", json=body, timeout=10
+    )
+    assert response.status_code == 200, response.text
+    ack: dict[str, Any] = response.json()
+    return ack
+
+
+def row(page: Page, run_id: str) -> Locator:
+    return page.locator(f'#runs-body tr[data-run-id="{run_id}"]')
+
+
+def cells(row: Locator) -> Locator:
+    return row.locator("td")
+
+
+def open_dashboard(page: Page, live: LiveGateway) -> None:
+    page.goto(f"{live.url}/dashboard")
+    expect(page.locator("#live")).to_have_text("Live")
+    page.evaluate("window.sameDocument = true")  # gone if the page ever reloads
+
+
+def test_runs_update_live_filter_and_cancel(serve, context: BrowserContext, page: Page) -> None:
+    gated = Gated()
+    live = serve(runners=[gated], runner="gated", echo_delay_ms=100)
+    open_dashboard(page, live)
+    expect(page.locator("#runs-empty")).to_have_text("No runs yet.")
+
+    chat = Chat(context.new_page(), live).open("team")
+    chat.send("work")
+    (run_id,) = live.running("team")
+    work = row(page, run_id)
+    expect(cells(work)).to_have_text(
+        ["running", re.compile("run_"), "gated", "team", re.compile(r"\d s"), re.compile(r"\d s"),
+         "0 / 0 / 0", "—", "Cancel"]
+    )  # fmt: skip
+    conversation = page.locator('#conversations-body tr[data-cid="team"]')
+    expect(conversation.locator("td.clients")).to_have_text("1")
+    expect(page.locator("#active-value")).to_have_text("1")
+    expect(page.locator("#clients-value")).to_have_text("1")
+
+    chat.send("hurry")
+    expect(cells(work).nth(6)).to_have_text("1 / 0 / 0")
+    expect(page.locator("#waiting-value")).to_have_text("1")
+    live.call(gated.release, run_id)
+    expect(cells(work).first).to_have_text("completed · stop")
+    expect(cells(work).nth(6)).to_have_text("0 / 1 / 0")
+    expect(work.get_by_role("button", name=re.compile("^Cancel"))).to_have_count(0)
+    expect(page.locator("#active-value")).to_have_text("0")
+
+    failed = post(live, "broken", client_msg_id="f1", text="/fail", runner="echo")["run_id"]
+    expect(cells(row(page, failed)).first).to_have_text("failed · demo_failure")
+
+    chat.send("second job")
+    expect(page.locator('#runs-body tr[data-status="running"]')).to_have_count(1)
+    (second,) = live.running("team")
+    row(page, second).get_by_role("button", name=f"Cancel run {second}").click()
+    expect(cells(row(page, second)).first).to_have_text("cancelled · cancel_requested")
+    expect(chat.status).to_have_text("Stopped")
+
+    status = page.get_by_label("Status")
+    status.select_option("failed")
+    expect(page.locator("#runs-body tr")).to_have_count(1)
+    expect(row(page, failed)).to_be_visible()
+    status.select_option("")
+    page.get_by_role("searchbox", name="Conversation").fill("tea")
+    expect(page.locator("#runs-body tr")).to_have_count(2)
+    expect(row(page, failed)).to_be_hidden()
+    page.get_by_role("searchbox", name="Conversation").fill("")
+    expect(page.locator("#runs-body tr")).to_have_count(3)
+
+    for chart in ("Active runs", "Events per second"):
+        label = re.compile(f"^{chart}: \\d+ now, at most [1-9]\\d* over the last \\d+ s$")
+        expect(page.get_by_role("img", name=chart)).to_have_attribute("aria-label", label)
+    assert page.evaluate("window.sameDocument") is True
+
+    # A busy moment for the picture in the README: a run streaming and being steered.
+    tour = post(
+        live,
+        "tour",
+        client_msg_id="t1",
+        runner="echo",
+        text="a long answer that streams word by word while people steer it " * 3,
+    )
+    post(live, "tour", client_msg_id="t2", text="shorter please")
+    post(live, "tour", client_msg_id="t3", text="and friendlier")
+    expect(cells(row(page, tour["run_id"])).nth(6)).to_have_text(re.compile(r"[0-2] / [0-2] / 0"))
+    expect(cells(row(page, tour["run_id"])).first).to_have_text("running")
+    page.evaluate("document.activeElement.blur()")
+    screenshot(page, "dashboard.png")
+
+
+def test_open_a_run_to_see_its_events_live(serve, page: Page) -> None:
+    gated = Gated()
+    live = serve(runners=[gated], runner="gated")
+    open_dashboard(page, live)
+    run_id = post(live, "inspect", client_msg_id="m1", text="look inside")["run_id"]
+    row(page, run_id).get_by_role("button", name=f"Open run {run_id}").click()
+    detail = page.get_by_role("dialog", name=f"Run {run_id}")
+    expect(detail).to_be_visible()
+    expect(detail.locator("dd").first).to_have_text("running")
+    events = detail.locator("#detail-events li")
+    expect(events.locator(".type")).to_have_text(["user.message", "run.started", "message.delta"])
+    expect(events.first).to_contain_text("run: look inside")
+
+    live.call(gated.release, run_id)
+    expect(events.locator(".type")).to_have_text(
+        ["user.message", "run.started", "message.delta", "message.completed", "run.ended"]
+    )
+    expect(detail.locator("dd").first).to_have_text("completed (stop)")
+    page.keyboard.press("Escape")
+    expect(detail).to_be_hidden()
+
+
+def test_a_dropped_dashboard_reconnects_to_a_fresh_snapshot(serve, page: Page) -> None:
+    live = serve()
+    routes: list[WebSocketRoute] = []
+    down = {"now": False}
+
+    def route(ws: WebSocketRoute) -> None:
+        if down["now"]:
+            ws.close()
+        else:
+            ws.connect_to_server()
+            routes.append(ws)
+
+    page.route_web_socket(re.compile("/ws/dashboard"), route)
+    open_dashboard(page, live)
+    down["now"] = True
+    for ws in routes:
+        ws.close()
+    expect(page.locator("#offline-banner")).to_contain_text("Can't reach the server")
+    expect(page.locator("#live")).to_have_text("Reconnecting…")
+    run_id = post(live, "meanwhile", client_msg_id="m1", text="while you were away")["run_id"]
+    down["now"] = False
+    expect(page.locator("#live")).to_have_text("Live")
+    expect(page.locator("#offline-banner")).to_be_hidden()
+    expect(cells(row(page, run_id)).first).to_have_text("completed · stop")
+    assert page.evaluate("window.sameDocument") is True

@@ -1,0 +1,394 @@
+// The runs dashboard: `GET /ws/dashboard` (PROTOCOL.md section 9) drawn as live
+// tables and charts. A snapshot sets everything; `run.updated`,
+// `conversation.updated` and `clients.updated` change it; a reconnect starts again
+// from a new snapshot. Events per second are the growth of conversation heads (each
+// event is one offset); active runs are the runs whose status is running.
+
+import { Alert, ConnectionBanner, api, byId, duration, h, perFrame, plain, replace } from "./page.js";
+import { LiveSocket } from "./socket.js";
+
+const MAX_ROWS = 500;
+const EVENT_PAGE = 5000;
+const MAX_DETAIL_EVENTS = 2000;
+const LIVE = new Set(["queued", "running"]);
+
+// --------------------------------------------------------------------------- charts
+
+// A small live chart: the last N values of a figure as an SVG line and area, with a
+// text alternative that says what it shows.
+const NS = "http://www.w3.org/2000/svg";
+const WIDTH = 240;
+const HEIGHT = 48;
+
+class Sparkline {
+  /**
+   * @param {SVGSVGElement} svg  an empty <svg role="img"> in the page
+   * @param {{label: string, points?: number}} options
+   */
+  constructor(svg, { label, points = 60 }) {
+    this.svg = svg;
+    this.label = label;
+    this.points = points;
+    this.values = [];
+    svg.setAttribute("viewBox", `0 0 ${WIDTH} ${HEIGHT}`);
+    svg.setAttribute("preserveAspectRatio", "none");
+    this.area = document.createElementNS(NS, "path");
+    this.area.setAttribute("class", "spark-area");
+    this.line = document.createElementNS(NS, "polyline");
+    this.line.setAttribute("class", "spark-line");
+    svg.append(this.area, this.line);
+    this.draw();
+  }
+
+  push(value) {
+    this.values.push(value);
+    if (this.values.length > this.points) this.values.shift();
+    this.draw();
+  }
+
+  draw() {
+    const values = this.values.length ? this.values : [0];
+    const max = Math.max(1, ...values);
+    const step = WIDTH / Math.max(1, this.points - 1);
+    const offset = (this.points - values.length) * step; // new values enter on the right
+    const coords = values.map((v, i) => [offset + i * step, HEIGHT - 2 - (v / max) * (HEIGHT - 4)]);
+    const line = coords.map(([x, y]) => `${x.toFixed(1)},${y.toFixed(1)}`).join(" ");
+    this.line.setAttribute("points", line);
+    const first = coords[0][0].toFixed(1);
+    const last = coords[coords.length - 1][0].toFixed(1);
+    this.area.setAttribute("d", `M${first},${HEIGHT} L${line.replaceAll(" ", " L")} L${last},${HEIGHT} Z`);
+    const now = values[values.length - 1];
+    this.svg.setAttribute(
+      "aria-label",
+      `${this.label}: ${now} now, at most ${Math.max(...values)} over the last ${values.length} s`,
+    );
+  }
+}
+
+const ui = {
+  node: byId("node"),
+  live: byId("live"),
+  statusFilter: byId("status-filter"),
+  conversationFilter: byId("conversation-filter"),
+  runsBody: byId("runs-body"),
+  runsEmpty: byId("runs-empty"),
+  conversationsBody: byId("conversations-body"),
+  activeValue: byId("active-value"),
+  rateValue: byId("rate-value"),
+  clientsValue: byId("clients-value"),
+  waitingValue: byId("waiting-value"),
+  detail: byId("run-detail"),
+  detailHeading: byId("detail-heading"),
+  detailFields: byId("detail-fields"),
+  detailEvents: byId("detail-events"),
+  detailCount: byId("detail-count"),
+};
+
+const state = {
+  runs: new Map(),
+  conversations: new Map(),
+  clients: new Map(),
+  node: null,
+  events: 0, // events appended since the last chart tick
+  rows: new Map(), // run_id -> <tr>
+  conversationRows: new Map(),
+  detail: null, // {runId, after, count, loading, again}
+};
+
+const alertLine = new Alert();
+const banner = new ConnectionBanner({ onRetry: () => socket.retryNow() });
+const activeChart = new Sparkline(byId("active-chart"), { label: "Active runs" });
+const rateChart = new Sparkline(byId("rate-chart"), { label: "Events per second" });
+const draw = perFrame(render);
+
+const socket = new LiveSocket({
+  url: () => "/ws/dashboard",
+  onFrame,
+  onStatus: (status) => {
+    banner.update(status);
+    ui.live.textContent = status.state === "open" ? "Live" : status.state === "closed" ? "Stopped" : "Reconnecting…";
+    ui.live.dataset.state = status.state;
+  },
+});
+
+// --------------------------------------------------------------------------- frames
+
+function onFrame(frame) {
+  switch (frame.type) {
+    case "snapshot":
+      state.runs = new Map(frame.runs.map((run) => [run.run_id, run]));
+      state.conversations = new Map(frame.conversations.map((c) => [c.conversation_id, c]));
+      state.clients = new Map(Object.entries(frame.clients));
+      state.node = frame.node;
+      break;
+    case "run.updated":
+      state.runs.set(frame.run.run_id, frame.run);
+      if (state.detail && state.detail.runId === frame.run.run_id) showDetail(frame.run.run_id);
+      break;
+    case "conversation.updated": {
+      const c = frame.conversation;
+      const before = state.conversations.get(c.conversation_id);
+      state.events += Math.max(0, c.head - (before ? before.head : 0));
+      state.conversations.set(c.conversation_id, c);
+      const open = state.detail && state.runs.get(state.detail.runId);
+      if (open && open.conversation_id === c.conversation_id) loadEvents();
+      break;
+    }
+    case "clients.updated":
+      if (frame.count > 0) state.clients.set(frame.conversation_id, frame.count);
+      else state.clients.delete(frame.conversation_id);
+      break;
+    case "error":
+      alertLine.show(plain(frame.code, frame.message));
+      break;
+    default:
+      return; // pong, or a frame type this page does not know
+  }
+  draw();
+}
+
+// --------------------------------------------------------------------------- runs table
+
+function visibleRuns() {
+  const status = ui.statusFilter.value;
+  const needle = ui.conversationFilter.value.trim().toLowerCase();
+  const out = [];
+  for (const run of [...state.runs.values()].sort((a, b) => (a.run_id < b.run_id ? 1 : -1))) {
+    if (status === "active" ? !LIVE.has(run.status) : status && run.status !== status) continue;
+    if (needle && !run.conversation_id.toLowerCase().includes(needle)) continue;
+    out.push(run);
+    if (out.length >= MAX_ROWS) break;
+  }
+  return out;
+}
+
+function runRow(run) {
+  let row = state.rows.get(run.run_id);
+  if (!row) {
+    row = h("tr", { dataset: { runId: run.run_id } });
+    for (let i = 0; i < 9; i += 1) row.append(h("td"));
+    const [, id, , conversation] = row.children;
+    id.append(h("button", { type: "button", class: "link-button mono", "aria-label": `Open run ${run.run_id}`, title: run.run_id, onclick: () => showDetail(run.run_id) }, shortId(run.run_id)));
+    conversation.append(h("a", { href: `/#${encodeURIComponent(run.conversation_id)}`, class: "mono" }, run.conversation_id));
+    state.rows.set(run.run_id, row);
+  }
+  const now = Date.now();
+  const cells = row.children;
+  row.dataset.status = run.status;
+  setText(cells[0], run.reason && !LIVE.has(run.status) ? `${run.status} · ${run.reason}` : run.status);
+  cells[0].className = `status status-${run.status}`;
+  setText(cells[2], run.runner);
+  setText(cells[4], duration(now - run.created_at));
+  setText(cells[5], run.started_at ? duration((run.ended_at || now) - run.started_at) : run.status === "queued" ? "waiting" : "—");
+  const s = run.steering || { queued: 0, absorbed: 0, dropped: 0 };
+  setText(cells[6], `${s.queued} / ${s.absorbed} / ${s.dropped}`);
+  cells[6].setAttribute("aria-label", `${s.queued} waiting, ${s.absorbed} absorbed, ${s.dropped} dropped`);
+  setText(cells[7], usage(run.usage));
+  const action = cells[8];
+  if (LIVE.has(run.status) && !action.firstChild) {
+    action.append(h("button", { type: "button", class: "button small danger", "aria-label": `Cancel run ${run.run_id}`, onclick: (event) => cancel(run.run_id, event.currentTarget) }, "Cancel"));
+  } else if (!LIVE.has(run.status) && action.firstChild) {
+    action.replaceChildren();
+  }
+  return row;
+}
+
+/** Put `rows` in `body` in order, moving only the rows out of place (focus stays). */
+function order(body, rows) {
+  let cursor = body.firstChild;
+  for (const row of rows) {
+    if (row === cursor) {
+      cursor = cursor.nextSibling;
+    } else {
+      body.insertBefore(row, cursor);
+    }
+  }
+  while (cursor) {
+    const next = cursor.nextSibling;
+    cursor.remove();
+    cursor = next;
+  }
+}
+
+async function cancel(runId, button) {
+  button.disabled = true;
+  button.textContent = "Cancelling…";
+  try {
+    await api(`/api/runs/${encodeURIComponent(runId)}/cancel`, { method: "POST" });
+  } catch (error) {
+    alertLine.show(`Couldn't cancel run ${shortId(runId)}: ${error.message}`);
+    button.disabled = false;
+    button.textContent = "Cancel";
+  }
+}
+
+// --------------------------------------------------------------------------- conversations
+
+function conversationRow(c) {
+  let row = state.conversationRows.get(c.conversation_id);
+  if (!row) {
+    row = h("tr", { dataset: { cid: c.conversation_id } },
+      h("td", {}, h("a", { href: `/#${encodeURIComponent(c.conversation_id)}`, class: "mono" }, c.conversation_id)),
+      h("td", { class: "clients" }), h("td"), h("td"), h("td"));
+    state.conversationRows.set(c.conversation_id, row);
+  }
+  const cells = row.children;
+  setText(cells[1], String(state.clients.get(c.conversation_id) || 0));
+  setText(cells[2], c.active_run ? `${c.active_run.status} · ${c.active_run.runner}` : "—");
+  setText(cells[3], String(c.head));
+  setText(cells[4], c.last_activity ? `${duration(Date.now() - c.last_activity)} ago` : "—");
+  return row;
+}
+
+function visibleConversations() {
+  for (const cid of state.clients.keys()) {
+    if (!state.conversations.has(cid)) {
+      state.conversations.set(cid, { conversation_id: cid, head: 0, last_activity: null, active_run: null });
+    }
+  }
+  return [...state.conversations.values()]
+    .sort((a, b) => (b.last_activity || 0) - (a.last_activity || 0))
+    .slice(0, MAX_ROWS);
+}
+
+// --------------------------------------------------------------------------- run detail
+
+function showDetail(runId) {
+  const run = state.runs.get(runId);
+  if (!run) return;
+  if (!state.detail || state.detail.runId !== runId) {
+    state.detail = { runId, after: 0, count: 0, loading: false, again: false };
+    replace(ui.detailEvents);
+    ui.detailCount.textContent = "";
+  }
+  ui.detailHeading.textContent = `Run ${run.run_id}`;
+  const s = run.steering || {};
+  const fields = [
+    ["Status", run.reason ? `${run.status} (${run.reason})` : run.status],
+    ["Runner", run.runner],
+    ["Conversation", run.conversation_id],
+    ["Created", new Date(run.created_at).toLocaleString()],
+    ["Started", run.started_at ? new Date(run.started_at).toLocaleString() : "not yet"],
+    ["Ended", run.ended_at ? new Date(run.ended_at).toLocaleString() : "not yet"],
+    ["Steering", `${s.queued || 0} waiting, ${s.absorbed || 0} absorbed, ${s.dropped || 0} dropped`],
+    ["Usage", usage(run.usage)],
+    ["Error", run.error ? `${run.error.code}: ${run.error.message}` : "none"],
+  ];
+  replace(ui.detailFields, fields.map(([name, value]) => [h("dt", {}, name), h("dd", {}, value)]));
+  if (!ui.detail.open) ui.detail.showModal();
+  loadEvents();
+}
+
+/** Read the run's events page by page from where the last read stopped. */
+async function loadEvents() {
+  const detail = state.detail;
+  if (!detail) return;
+  if (detail.loading) {
+    detail.again = true;
+    return;
+  }
+  const run = state.runs.get(detail.runId);
+  detail.loading = true;
+  try {
+    for (let page = 0; page < 50; page += 1) {
+      const data = await api(`/api/conversations/${encodeURIComponent(run.conversation_id)}/events?after=${detail.after}&limit=${EVENT_PAGE}`);
+      if (state.detail !== detail) return;
+      for (const e of data.events) {
+        detail.after = e.offset;
+        if (e.run_id !== detail.runId || detail.count >= MAX_DETAIL_EVENTS) continue;
+        detail.count += 1;
+        ui.detailEvents.append(h("li", { dataset: { type: e.type } },
+          h("span", { class: "offset mono" }, `#${e.offset}`), " ",
+          h("span", { class: "type" }, e.type), " ",
+          h("span", { class: "summary" }, summary(e))));
+      }
+      ui.detailCount.textContent = `(${detail.count})`;
+      if (data.events.length < EVENT_PAGE) break;
+    }
+  } catch (error) {
+    alertLine.show(`Couldn't load the run's events: ${error.message}`);
+  } finally {
+    detail.loading = false;
+  }
+  if (detail.again && state.detail === detail) {
+    detail.again = false;
+    loadEvents();
+  }
+}
+
+function summary(e) {
+  switch (e.type) {
+    case "user.message": return `${e.route}: ${clip(e.text)}`;
+    case "message.delta": return JSON.stringify(e.delta);
+    case "message.completed": return clip(e.message.content);
+    case "run.started": case "run.queued": return `runner ${e.runner}, triggers ${e.trigger_message_ids.length}`;
+    case "run.ended": return e.error ? `${e.status} (${e.reason}): ${e.error.message}` : `${e.status} (${e.reason})`;
+    case "steering.absorbed": return `${e.message_ids.length} message(s)`;
+    case "steering.dropped": return `${e.message_ids.length} message(s), ${e.reason}`;
+    case "tool.call.started": case "tool.call.completed": return e.name;
+    case "state.updated": return `${e.scope}.${e.key}`;
+    default: return "";
+  }
+}
+
+// --------------------------------------------------------------------------- drawing
+
+function render() {
+  const runs = visibleRuns();
+  order(ui.runsBody, runs.map(runRow));
+  ui.runsEmpty.hidden = runs.length > 0;
+  ui.runsEmpty.textContent = state.runs.size ? "No runs match these filters." : "No runs yet.";
+  order(ui.conversationsBody, visibleConversations().map(conversationRow));
+  let waiting = 0;
+  for (const run of state.runs.values()) if (LIVE.has(run.status)) waiting += (run.steering && run.steering.queued) || 0;
+  ui.activeValue.textContent = String(activeRuns());
+  ui.clientsValue.textContent = String([...state.clients.values()].reduce((a, b) => a + b, 0));
+  ui.waitingValue.textContent = String(waiting);
+  if (state.node) ui.node.textContent = `${state.node.name} · up ${duration(Date.now() - state.node.started_at)}`;
+}
+
+function activeRuns() {
+  let n = 0;
+  for (const run of state.runs.values()) if (run.status === "running") n += 1;
+  return n;
+}
+
+function tick() {
+  rateChart.push(state.events);
+  ui.rateValue.textContent = String(state.events);
+  state.events = 0;
+  activeChart.push(activeRuns());
+  render(); // ages and durations move on
+}
+
+function setText(node, text) {
+  if (node.textContent !== text) node.textContent = text;
+}
+
+function shortId(id) {
+  return id.length > 14 ? `${id.slice(0, 4)}…${id.slice(-8)}` : id;
+}
+
+function clip(text) {
+  return text.length > 120 ? `${text.slice(0, 120)}…` : text;
+}
+
+function usage(value) {
+  if (!value) return "—";
+  const parts = Object.entries(value).filter(([, v]) => typeof v === "number").map(([k, v]) => `${k.replace(/_tokens$/, "")} ${v}`);
+  return parts.length ? parts.join(" · ") : JSON.stringify(value).slice(0, 60);
+}
+
+// --------------------------------------------------------------------------- start
+
+ui.statusFilter.addEventListener("change", draw);
+ui.conversationFilter.addEventListener("input", draw);
+byId("filters").addEventListener("submit", (event) => event.preventDefault());
+byId("detail-close").addEventListener("click", () => ui.detail.close());
+ui.detail.addEventListener("close", () => {
+  state.detail = null;
+});
+window.addEventListener("error", (event) => alertLine.show(`Something went wrong on this page: ${event.message}. Reload to continue.`));
+
+socket.start();
+setInterval(tick, 1000);
