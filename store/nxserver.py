@@ -6,11 +6,14 @@ nx-27017 stores every document in its own SQLite transaction (WAL mode,
 `synchronous=NORMAL`). SQLite checkpoints the WAL inside the commit that takes
 it past 1,000 pages, so at 1,000 events/s one insert every 150-300 ms waited
 10-20 ms for the checkpoint's copy and fsync: most of the embedded store's
-p99 delivery latency (docs/performance.md). Here each database connection of
-the server turns the automatic checkpoint off, and a thread per database file
+p99 delivery latency (docs/performance.md). Here a thread per database file
 runs a PASSIVE checkpoint, which never waits for a writer, every
-CHECKPOINT_EVERY seconds. Durability is SQLite's WAL as before: a commit is in
-the WAL before the insert is answered, and a crash replays the WAL.
+CHECKPOINT_EVERY seconds, so the pages are copied off the write path. Only a
+writer can start the WAL over, and only once it is fully copied, which under
+steady writes a PASSIVE checkpoint never catches: the writer's own checkpoint
+stays, at WAL_RESET_PAGES instead of 1,000, and finds little left to copy. It
+bounds the WAL (about 16 MiB). Durability is SQLite's WAL as before: a commit
+is in the WAL before the insert is answered, and a crash replays the WAL.
 
 This hooks one method of neosqlite, which nx-27017 is built on. If a release
 renames it, the server runs unchanged and says so on stderr.
@@ -25,7 +28,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-CHECKPOINT_EVERY = 0.5  # seconds; the WAL then holds about half a second of writes
+CHECKPOINT_EVERY = 0.25  # seconds between PASSIVE checkpoints
+WAL_RESET_PAGES = 4000  # the writer's own checkpoint, which resets the WAL, at this size
 HOOKED = "_configure_connection"
 
 log = logging.getLogger("steerway.nxserver")
@@ -54,8 +58,8 @@ class Checkpointer:
         self._lock = threading.Lock()
 
     def adopt(self, db: sqlite3.Connection) -> None:
-        """Turn the connection's automatic checkpoint off; checkpoint its file here."""
-        db.execute("PRAGMA wal_autocheckpoint=0")
+        """Leave the connection's own checkpoint only the WAL's reset; copy here."""
+        db.execute(f"PRAGMA wal_autocheckpoint={WAL_RESET_PAGES}")
         path = db.execute("PRAGMA database_list").fetchone()[2]
         if not path:  # an in-memory database has no WAL
             return
