@@ -1,21 +1,33 @@
-"""uvicorn's sans-I/O WebSocket protocol, with a fast path for frames built once.
+"""uvicorn's sans-I/O WebSocket protocol, with a fast path for frames built once,
+and with no peer outstaying its welcome.
 
 A conversation event is the same text for every client, and without
 permessage-deflate its WebSocket frame (RFC 6455 section 5.2: a server frame is
 not masked) is the same bytes too.  This protocol offers the ASGI app an
 extension, `steerway.prebuilt`, whose `write(data)` puts such a frame straight
 on the transport when the connection is open and writable, and returns False
-otherwise: the app then uses the ordinary `send`, which waits.  Everything else
-is uvicorn's.
+otherwise: the app then uses the ordinary `send`, which waits.
+
+Closing (PROTOCOL.md section 7):
+- a server shutdown closes with 1001, "going away" (uvicorn says 1012);
+- the app's close is written at once, even to a peer whose transport is paused
+  (a slow consumer, closed 4008, would otherwise never be closed);
+- a peer that does not finish a closing handshake, or answer a keepalive ping,
+  within `ws_ping_timeout` is aborted: a plain `transport.close()` waits for it
+  to read what is buffered, forever if it never reads again.
+Everything else is uvicorn's.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from uvicorn.config import Config
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.http11 import Request
 from websockets.protocol import State
+
+from gateway.protocol.codes import CloseCode
 
 PREBUILT = "steerway.prebuilt"
 
@@ -33,6 +45,11 @@ def text_frame(payload: bytes) -> bytes:
 
 
 class SteerwayWebSocketProtocol(WebSocketsSansIOProtocol):
+    def __init__(self, config: Config, *args: Any, **kwargs: Any) -> None:
+        super().__init__(config, *args, **kwargs)
+        # the time a peer has to answer, a ping or a close alike
+        self.close_timeout = config.ws_ping_timeout or self.close_timeout
+
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)
         scope: dict[str, Any] | None = getattr(self, "scope", None)
@@ -52,3 +69,41 @@ class SteerwayWebSocketProtocol(WebSocketsSansIOProtocol):
             return False
         self.transport.write(data)
         return True
+
+    async def send(self, message: Any) -> None:
+        closing = message["type"] == "websocket.close" and self.handshake_complete
+        if closing and not (self.initial_response or self.close_sent or self.disconnected):
+            # uvicorn would first wait for the transport to drain
+            self._close(message.get("code", CloseCode.NORMAL), message.get("reason") or "")
+            return
+        await super().send(message)
+
+    def shutdown(self) -> None:
+        if not self.handshake_complete or self.close_sent or self.disconnected:
+            super().shutdown()
+        else:
+            self.stop_keepalive()
+            self._close(CloseCode.GOING_AWAY, "server shutting down")
+        self._abort_later()
+
+    def keepalive_timeout(self) -> None:
+        super().keepalive_timeout()
+        self.transport.abort()  # it answers nothing: do not wait for it to read
+
+    def _close(self, code: int, reason: str) -> None:
+        """Send a close frame now and wait for the peer's at most `close_timeout`."""
+        if self.transport.is_closing():
+            return
+        self.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
+        self.conn.send_close(code, reason)
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.close_sent = True
+        if self.read_paused:  # read on, to see the peer's close
+            self.read_paused = False
+            self.transport.resume_reading()
+        self._abort_later()
+
+    def _abort_later(self) -> None:
+        if self.close_timer is not None:
+            self.close_timer.cancel()
+        self.close_timer = self.loop.call_later(self.close_timeout, self.transport.abort)

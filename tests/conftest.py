@@ -145,6 +145,7 @@ async def run_gateway(
 ) -> AsyncIterator[Gateway]:
     """Serve a gateway on a free port in this event loop; stop it on exit."""
     settings.setdefault("echo_delay_ms", 1)
+    settings.setdefault("shutdown_grace_s", 0)  # runs still active at the end end at once
     config = Settings.load(settings, environ={})
     store = store or MemoryStore()
     registry = RunnerRegistry([EchoRunner(delay_ms=config.echo_delay_ms), *(runners or [])])
@@ -158,6 +159,8 @@ async def run_gateway(
             ws=SteerwayWebSocketProtocol,
             ws_max_size=config.max_frame_bytes,
             ws_per_message_deflate=config.ws_compression,
+            ws_ping_interval=config.ws_ping_interval_s,
+            ws_ping_timeout=config.ws_ping_timeout_s,
             lifespan="on",
             log_level="warning",
         )
