@@ -49,6 +49,9 @@ class Settings(BaseModel):
     ws_ping_timeout_s: float = Field(
         20.0, gt=0, description="a peer that answers no ping (or close) within this is dropped"
     )
+    http_idle_s: int = Field(
+        5, ge=1, description="an HTTP connection sending no request for this long is closed"
+    )
     shutdown_grace_s: float = Field(
         10.0, ge=0, description="on SIGTERM, how long active runs may go on before ending failed"
     )

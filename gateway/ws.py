@@ -161,6 +161,8 @@ class Session:
         self.bucket = TokenBucket(settings.rate_per_s, settings.rate_burst, time.monotonic())
         self.limits = FrameLimits(settings.max_text_chars, settings.max_metadata_bytes)
         self.close_code: int | None = None
+        self._closing: asyncio.Task[None] | None = None
+        self.outbox.on_overflow = self._overflowed
         if prebuilt is not None:
             self._prebuilt = prebuilt
             self.outbox.direct = self._direct
@@ -191,6 +193,8 @@ class Session:
             metrics.connections.labels("conversation").dec()
             self.outbox.close()
             await writer
+            if self._closing is not None:
+                await self._closing
 
     # ------------------------------------------------------------------ writer
 
@@ -214,15 +218,18 @@ class Session:
                     observe(time.perf_counter() - frame.born)
                     frame.born = 0.0  # shared: the first delivery is the one measured
                 await send(frame.message)
-            if outbox.overflowed:
-                self.hub.metrics.slow_consumers.inc()
-                await self._close(CloseCode.SLOW_CONSUMER, "slow_consumer")
         except OSError:  # the client went away (uvicorn's ClientDisconnected)
             pass
         except Exception:
             log.exception("session %s: writer failed", self.session_id)
             with contextlib.suppress(Exception):
                 await self._close(CloseCode.INTERNAL_ERROR, "internal error")
+
+    def _overflowed(self) -> None:
+        """The client is too far behind (section 6): closed 4008 now, by a task of its own,
+        as the writer may be waiting for a socket the client no longer reads."""
+        self.hub.metrics.slow_consumers.inc()
+        self._closing = asyncio.create_task(self._close(CloseCode.SLOW_CONSUMER, "slow_consumer"))
 
     async def _replay(self, after: int, head: int) -> None:
         store = self.hub.store
@@ -239,7 +246,8 @@ class Session:
         if self.close_code is None:
             self.close_code = code
             self.outbox.close()
-            await self.send({"type": "websocket.close", "code": code, "reason": reason})
+            with contextlib.suppress(OSError):  # the client is gone already
+                await self.send({"type": "websocket.close", "code": code, "reason": reason})
 
     # ------------------------------------------------------------------ reader
 

@@ -15,14 +15,21 @@ Closing (PROTOCOL.md section 7):
 - a peer that does not finish a closing handshake, or answer a keepalive ping,
   within `ws_ping_timeout` is aborted: a plain `transport.close()` waits for it
   to read what is buffered, forever if it never reads again.
+
+The HTTP protocols close a connection that sends no request within uvicorn's
+keep-alive timeout from the start (uvicorn arms that timer only after a first
+response), so idle TCP connections do not pile up either.
 Everything else is uvicorn's.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from uvicorn.config import Config
+from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.http11 import Request
 from websockets.protocol import State
@@ -107,3 +114,21 @@ class SteerwayWebSocketProtocol(WebSocketsSansIOProtocol):
         if self.close_timer is not None:
             self.close_timer.cancel()
         self.close_timer = self.loop.call_later(self.close_timeout, self.transport.abort)
+
+
+def _arm_idle_timer(protocol: H11Protocol | HttpToolsProtocol) -> None:
+    protocol.timeout_keep_alive_task = protocol.loop.call_later(
+        protocol.timeout_keep_alive, protocol.timeout_keep_alive_handler
+    )
+
+
+class SteerwayH11Protocol(H11Protocol):
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        _arm_idle_timer(self)  # disarmed by the first bytes received
+
+
+class SteerwayHttpToolsProtocol(HttpToolsProtocol):
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        _arm_idle_timer(self)

@@ -22,7 +22,7 @@ from gateway.config import Settings
 from gateway.conversation import ConversationHub
 from gateway.runners.echo import EchoRunner
 from gateway.runners.registry import RunnerRegistry
-from gateway.wsserver import SteerwayWebSocketProtocol
+from gateway.wsserver import SteerwayH11Protocol, SteerwayWebSocketProtocol
 from store.memory import MemoryStore
 
 TIMEOUT = 10.0
@@ -155,12 +155,13 @@ async def run_gateway(
         uvicorn.Config(
             app,
             loop="asyncio",
-            http="h11",
+            http=SteerwayH11Protocol,
             ws=SteerwayWebSocketProtocol,
             ws_max_size=config.max_frame_bytes,
             ws_per_message_deflate=config.ws_compression,
             ws_ping_interval=config.ws_ping_interval_s,
             ws_ping_timeout=config.ws_ping_timeout_s,
+            timeout_keep_alive=config.http_idle_s,
             lifespan="on",
             log_level="warning",
         )
