@@ -86,6 +86,10 @@ class Outbox:
     def __len__(self) -> int:
         return len(self._q)
 
+    @property
+    def queued_bytes(self) -> int:
+        return self._bytes
+
     def deliver(self, frames: list[Frame]) -> None:
         """Bus subscriber entry point: events of this conversation, ascending."""
         for frame in frames:

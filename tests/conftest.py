@@ -92,6 +92,15 @@ class Gateway:
     app: Starlette
     port: int
     store: MemoryStore
+    server: uvicorn.Server
+
+    def write_buffers(self) -> list[int]:
+        """Bytes waiting in each open connection's transport, not yet taken by the kernel."""
+        return [
+            conn.transport.get_write_buffer_size()
+            for conn in self.server.server_state.connections
+            if getattr(conn, "transport", None) is not None
+        ]
 
     @property
     def hub(self) -> ConversationHub:
@@ -174,7 +183,7 @@ async def run_gateway(
         if task.done():
             task.result()  # startup failed: raise its error
         assert server.started, "the gateway did not start in time"
-        yield Gateway(app, sock.getsockname()[1], store)
+        yield Gateway(app, sock.getsockname()[1], store, server)
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, TIMEOUT)

@@ -12,7 +12,7 @@ import os
 from tests.conftest import TIMEOUT, Gateway, run_gateway
 from tests.helpers import ack_of, settled
 from tests.test_bad_input import still_works
-from tests.test_slow_client import Flood, small_buffer_socket
+from tests.test_slow_client import Flood, small_buffer_socket, small_server_buffer
 
 PING = 0x89  # the first byte of an unfragmented server ping
 
@@ -84,11 +84,12 @@ async def test_a_peer_that_stops_answering_pings_is_dropped() -> None:
 
 
 async def test_a_client_that_never_reads_again_is_closed_then_aborted() -> None:
-    flood = Flood(count=400, window=16)  # 3.2 MiB: far more than every buffer on the way
+    flood = Flood(count=200, window=16)  # 1.6 MiB: far more than every buffer on the way
     settings = {"outbox_frames": 32, "outbox_bytes": 128 * 1024, "ws_ping_timeout_s": 0.5}
     async with run_gateway(runners=[flood], **settings) as gw:
         slots = gw.app.state.connections
-        _reader, writer = await raw_websocket(gw, "stuck", sock=small_buffer_socket(gw.port))
+        _, writer = await raw_websocket(gw, "stuck", sock=small_buffer_socket(gw.port))
+        small_server_buffer(gw, writer.get_extra_info("sockname")[1])
         try:
             async with gw.connect("stuck", after=0) as healthy:
                 await healthy.message("go", "m1", runner="flood")
