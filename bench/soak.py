@@ -10,10 +10,11 @@ the gateway's memory); this process, pinned to core 1, runs `--connections` clie
 once, spread over `--conversations` conversations.  Each client, over and over until
 the time is up: connects, sends a message, sends a steering message (`mode: steer`)
 as soon as the first is acknowledged, waits for a run of its conversation to end,
-disconnects, and thinks 0.2-1 s.  Before: after a warm-up round of 50 clients and
-the idle actors and store connections are gone.  During: sampled every second (the peak is reported).  After:
-once every client is gone and the same time has passed.  The target: memory (RSS)
-and file descriptors after within 10% of before; the exit status is 0 when both are.
+disconnects, and thinks 0.2-1 s.  Before: after a warm-up round of 50 clients,
+once idle actors and store connections are gone.  During: sampled every second
+(the peak is reported).  After: once every client is gone and as long again.  The
+target: memory (RSS) and file descriptors after within 10% of before; the exit
+status is 0 when both are.
 The gateway is stopped by its pid at the end (it stops its nx-27017).
 """
 
