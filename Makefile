@@ -9,7 +9,7 @@ PYTHON313 ?= $(shell for p in python3.13 /root/.pyenv/versions/3.13.0/bin/python
 	$$p -c '' >/dev/null 2>&1 && { command -v $$p; break; }; done)
 MONGOECO_VENV := .venv-mongoeco
 
-.PHONY: run test lint typecheck pytest bench bench-persistence bench-runners clean mongoeco
+.PHONY: run test lint typecheck pytest bench bench-persistence bench-runners soak clean mongoeco
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -67,6 +67,9 @@ bench-persistence: $(VENV)/.installed-bench
 
 bench-runners: $(VENV)/.installed-bench
 	$(BIN)/python bench/runners.py
+
+soak: $(VENV)/.installed-bench
+	$(BIN)/python bench/soak.py
 
 clean:
 	rm -rf $(VENV) $(MONGOECO_VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -12,9 +12,12 @@ from starlette.responses import FileResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
+from gateway import auth
+from gateway.auth import Refused
 from gateway.bus import Bus, MemoryBus
 from gateway.config import Settings
 from gateway.conversation import ConversationHub
+from gateway.core.limits import ConnectionSlots
 from gateway.dashboard import DashboardSocket
 from gateway.metrics import Metrics
 from gateway.protocol.codes import ErrorCode
@@ -28,6 +31,10 @@ from store.memory import MemoryStore
 from store.mongo import MongoStore
 
 log = logging.getLogger("steerway")
+OPEN_WARNING = (
+    "no secret is configured (STEERWAY_SECRET): authentication is OFF, every endpoint "
+    "and every conversation is open to anyone who can reach this server"
+)
 
 
 async def open_store(settings: Settings, stack: contextlib.AsyncExitStack) -> Store:
@@ -74,20 +81,29 @@ def create_app(
         return PlainTextResponse("ready")
 
     async def metrics_endpoint(request: Request) -> Response:
+        try:
+            auth.for_admin(auth.authenticate(request.scope, settings))
+        except Refused as exc:
+            return error(exc.code, exc.message)
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
-    async def not_found(request: Request) -> Response:
+    async def not_found(request: Request, who: auth.Principal) -> Response:
         return error(ErrorCode.NOT_FOUND, f"no such path: {request.url.path}")
 
+    connections = ConnectionSlots(settings.max_connections, settings.max_conversation_clients)
     routes: list[BaseRoute] = [
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics_endpoint),
         *api.routes(),
-        Route("/api/{rest:path}", not_found, methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),
-        WebSocketRoute("/ws/conversations/{conversation_id}", ConversationSocket(hub)),
-        WebSocketRoute("/ws/runners", RunnerSocket(hub, pool)),
-        WebSocketRoute("/ws/dashboard", DashboardSocket(hub)),
+        Route(
+            "/api/{rest:path}",
+            api.wrap(not_found),
+            methods=["GET", "POST", "PUT", "DELETE", "PATCH"],
+        ),
+        WebSocketRoute("/ws/conversations/{conversation_id}", ConversationSocket(hub, connections)),
+        WebSocketRoute("/ws/runners", RunnerSocket(hub, pool, connections)),
+        WebSocketRoute("/ws/dashboard", DashboardSocket(hub, connections)),
     ]
     if settings.web_dir.is_dir():
         dashboard_page = settings.web_dir / "dashboard.html"
@@ -102,15 +118,16 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         hub.start()
         await hub.recover()
-        log.warning(
-            "no secret is configured: every endpoint is open (authentication arrives later)"
-        )
+        if not settings.secret_key:
+            log.warning(OPEN_WARNING)
         try:
             yield
         finally:
-            await hub.stop()
+            await hub.shutdown(settings.shutdown_grace_s)
 
+    auth.redact_logs()
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.hub = hub
     app.state.settings = settings
+    app.state.connections = connections  # WebSocket slots, shared by every endpoint
     return app

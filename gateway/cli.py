@@ -1,4 +1,5 @@
-"""The `steerway` command: `steerway serve [flags]`; every flag is also a STEERWAY_* variable."""
+"""The `steerway` command: `steerway serve [flags]` (every flag is also a STEERWAY_* variable)
+and `steerway token --sub NAME [--convs PATTERNS] [--role ROLE] [--ttl 1h]`."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import contextlib
 import gc
 import logging
+import re
 import socket
 import sys
 from collections.abc import Sequence
@@ -13,9 +15,10 @@ from collections.abc import Sequence
 import uvicorn
 import uvloop
 
+from gateway import auth
 from gateway.app import create_app, open_store
 from gateway.config import Settings
-from gateway.wsserver import SteerwayWebSocketProtocol
+from gateway.wsserver import SteerwayHttpToolsProtocol, SteerwayWebSocketProtocol
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,7 +46,46 @@ def _parser() -> argparse.ArgumentParser:
         help="permessage-deflate on client WebSockets (STEERWAY_WS_COMPRESSION)",
     )
     serve.add_argument("--log-level", help="debug, info, warning (STEERWAY_LOG_LEVEL)")
+    token = sub.add_parser("token", help="print a token signed with STEERWAY_SECRET")
+    token.add_argument("--sub", required=True, help="the subject: author of its messages")
+    token.add_argument("--role", choices=auth.ROLES, default="user")
+    token.add_argument(
+        "--convs", default="", help="conversation ids or `*` patterns, comma separated"
+    )
+    token.add_argument("--runners", default="", help="runner names (role runner), comma separated")
+    token.add_argument("--ttl", type=_duration, default="1h", help="lifetime: 90s, 15m, 1h, 7d")
     return parser
+
+
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(text: str) -> float:
+    found = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd]?)", text.strip())
+    if found is None or float(found.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 90s, 15m, 1h, 7d)")
+    return float(found.group(1)) * _UNITS[found.group(2)]
+
+
+def _list(text: str) -> list[str]:
+    return [part for part in text.replace(",", " ").split() if part]
+
+
+def token(args: argparse.Namespace, settings: Settings) -> int:
+    if not settings.secret_key:
+        print("steerway: set STEERWAY_SECRET to mint tokens", file=sys.stderr)
+        return 2
+    print(
+        auth.mint(
+            settings.secret_key,
+            args.sub,
+            args.role,
+            args.ttl,
+            convs=_list(args.convs),
+            runners=_list(args.runners),
+        )
+    )
+    return 0
 
 
 class _Server(uvicorn.Server):
@@ -64,10 +106,13 @@ async def run_server(settings: Settings) -> None:
             app,
             host=settings.host,
             port=settings.port,
-            http="httptools",
+            http=SteerwayHttpToolsProtocol,
             ws=SteerwayWebSocketProtocol,
             ws_max_size=settings.max_frame_bytes,
             ws_per_message_deflate=settings.ws_compression,
+            ws_ping_interval=settings.ws_ping_interval_s,
+            ws_ping_timeout=settings.ws_ping_timeout_s,
+            timeout_keep_alive=settings.http_idle_s,
             log_level=settings.log_level,
             access_log=False,
         )
@@ -87,14 +132,16 @@ def serve(settings: Settings) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if k != "command" and v is not None}
+    flags = vars(args) if args.command == "serve" else {}
+    overrides = {k: v for k, v in flags.items() if k != "command" and v is not None}
     try:
         settings = Settings.load(overrides)
     except ValueError as exc:
         print(f"steerway: {exc}", file=sys.stderr)
         return 2
-    if args.command == "serve":
-        serve(settings)
+    if args.command == "token":
+        return token(args, settings)
+    serve(settings)
     return 0
 
 

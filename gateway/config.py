@@ -7,14 +7,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 ENV_PREFIX = "STEERWAY_"
 _REPO_WEB = Path(__file__).resolve().parent.parent / "web"
 
 
 class Settings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # hide_input_in_errors: a bad setting's message must not print the secret
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -34,7 +35,30 @@ class Settings(BaseModel):
     runner_queue: int = Field(256, ge=1, description="runs waiting for one remote name, at most")
     runner_rate_per_s: float = Field(20_000.0, gt=0, description="frames/s from a remote runner")
     ws_compression: bool = Field(False, description="permessage-deflate on client sockets")
+    secret: SecretStr = Field(
+        SecretStr(""), description="HS256 key of tokens (>= 32 bytes); empty: no authentication"
+    )
+    allowed_origins: list[str] = Field(
+        default_factory=list,
+        description="origins of browser WebSockets; empty: the request's own host; `*`: any",
+    )
     max_frame_bytes: int = Field(64 * 1024, ge=1024)
+    max_text_chars: int = Field(32_768, ge=1, description="characters of a message's text")
+    max_metadata_bytes: int = Field(16 * 1024, ge=2, description="a message's metadata as JSON")
+    max_queued_runs: int = Field(16, ge=0, description="user-queued runs per conversation")
+    max_steering: int = Field(100, ge=0, description="steering messages waiting in one run")
+    max_connections: int = Field(10_000, ge=1, description="WebSockets per process")
+    max_conversation_clients: int = Field(1_000, ge=1, description="WebSockets per conversation")
+    ws_ping_interval_s: float = Field(20.0, gt=0, description="idle-connection ping period")
+    ws_ping_timeout_s: float = Field(
+        20.0, gt=0, description="a peer that answers no ping (or close) within this is dropped"
+    )
+    http_idle_s: int = Field(
+        5, ge=1, description="an HTTP connection sending no request for this long is closed"
+    )
+    shutdown_grace_s: float = Field(
+        10.0, ge=0, description="on SIGTERM, how long active runs may go on before ending failed"
+    )
     outbox_frames: int = Field(256, ge=8)
     outbox_bytes: int = Field(1024 * 1024, ge=64 * 1024)
     rate_per_s: float = Field(20.0, gt=0, description="client frames per second, sustained")
@@ -46,6 +70,18 @@ class Settings(BaseModel):
     node: str = Field("", description="this node's name on the runs it owns (default host:pid)")
     web_dir: Path = _REPO_WEB
     log_level: str = "info"
+
+    @field_validator("secret")
+    @classmethod
+    def _secret_length(cls, value: SecretStr) -> SecretStr:
+        # RFC 7518 section 3.2: an HS256 key has at least 256 bits
+        if 0 < len(value.get_secret_value().encode()) < 32:
+            raise ValueError("the secret must be at least 32 bytes")
+        return value
+
+    @property
+    def secret_key(self) -> str:
+        return self.secret.get_secret_value()
 
     @classmethod
     def load(

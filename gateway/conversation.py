@@ -79,7 +79,16 @@ class Recover:
     state: Recovered
 
 
-Input = Submit | Cancel | Recover | DriverInput
+@dataclass(slots=True)
+class Shutdown:
+    """From `ConversationHub.shutdown`: with `end`, the active run ends `failed`/`shutdown`;
+    `reply` says, once the inputs before it are handled, whether a run is active."""
+
+    end: bool
+    reply: asyncio.Future[bool]
+
+
+Input = Submit | Cancel | Recover | Shutdown | DriverInput
 
 
 def _ack(event: UserMessage, duplicate: bool = False) -> Ack:
@@ -106,8 +115,14 @@ class ConversationActor:
         self.hub = hub
         self.conversation_id = record.conversation_id
         self.record = record
+        settings = hub.settings
         self.machine = ConversationMachine(
-            record.conversation_id, hub.runners.spec, hub.settings.runner, record.runner
+            record.conversation_id,
+            hub.runners.spec,
+            settings.runner,
+            record.runner,
+            max_queued_runs=settings.max_queued_runs,
+            max_steering=settings.max_steering,
         )
         self.log = EventLog(record.conversation_id, record.head, hub.committer, hub.bus, hub.node)
         self.mailbox: asyncio.Queue[Input] = asyncio.Queue(MAILBOX_SIZE)
@@ -247,6 +262,10 @@ class ConversationActor:
             machine.assigned(item.run_id, now)
         elif isinstance(item, Recover):
             machine.restore(item.state, now)
+        elif isinstance(item, Shutdown):
+            if item.end:
+                machine.shutdown(now)
+            replies.append(lambda: _settle(item.reply, machine.active is not None))
 
     async def _submit(
         self,
@@ -353,6 +372,11 @@ def _resolver(future: asyncio.Future[list[UserText]], value: list[UserText]) -> 
     return resolve
 
 
+def _settle(future: asyncio.Future[bool], value: bool) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
 def _fail(item: Input, exc: Exception) -> None:
     error = (
         StoreUnavailable("the store is unavailable; nothing was stored")
@@ -366,6 +390,8 @@ def _fail(item: Input, exc: Exception) -> None:
         item.reply(error)
     elif isinstance(item, SteeringPull) and not item.reply.done():
         item.reply.set_result([])
+    elif isinstance(item, Shutdown):
+        _settle(item.reply, False)
 
 
 class ConversationHub:
@@ -392,6 +418,36 @@ class ConversationHub:
 
     def start(self) -> None:
         self.committer.start()
+
+    async def shutdown(self, grace_s: float) -> None:
+        """The gateway stops (SIGTERM; its sockets are already closed): active runs may go
+        on for `grace_s` seconds, queued runs and follow-ups starting as usual meanwhile;
+        then every run still active ends `failed`/`shutdown`, queued runs are left for
+        the next gateway, and every pending write is flushed."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        while (left := deadline - loop.time()) > 0 and await self._ask_actors(end=False):
+            drivers = [d for a in list(self.actors.values()) for d in a.drivers.values()]
+            if not drivers:
+                break
+            # RunDriver.wait returns within a second: a stuck runner is looked at again
+            waits = [asyncio.ensure_future(d.wait()) for d in drivers]
+            _, pending = await asyncio.wait(waits, timeout=left, return_when="FIRST_COMPLETED")
+            for wait in pending:
+                wait.cancel()
+        await self._ask_actors(end=True)
+        await self.stop()
+
+    async def _ask_actors(self, end: bool) -> bool:
+        """`Shutdown` to every actor; whether any still has an active run."""
+        loop = asyncio.get_running_loop()
+        replies: list[asyncio.Future[bool]] = []
+        for actor in list(self.actors.values()):
+            if not actor.stopped:
+                reply: asyncio.Future[bool] = loop.create_future()
+                await actor.post(Shutdown(end, reply))
+                replies.append(reply)
+        return any(await asyncio.gather(*replies))
 
     async def stop(self) -> None:
         """Stop every actor and the runs it drives, then flush pending writes."""

@@ -25,7 +25,9 @@ import math
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+from gateway import auth
 from gateway.core.ids import now_ms
+from gateway.core.limits import ConnectionSlots
 from gateway.errors import FrameError, SteerwayError
 from gateway.outbox import Frame, Outbox
 from gateway.protocol.codes import CloseCode, ErrorCode
@@ -168,12 +170,25 @@ class DashboardFeed:
 class DashboardSocket:
     """The ASGI app of `GET /ws/dashboard`."""
 
-    def __init__(self, hub: ConversationHub) -> None:
+    def __init__(self, hub: ConversationHub, slots: ConnectionSlots) -> None:
         self.hub = hub
+        self.slots = slots  # the per-process connection limit, shared by every endpoint
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if (await receive())["type"] != "websocket.connect":
             return
+        try:  # an admin token, or no secret (PROTOCOL.md section 7)
+            auth.admit(scope, self.hub.settings, auth.for_admin)
+            auth.take_slot(self.slots)
+        except auth.Refused as exc:
+            await auth.refuse(send, exc)
+            return
+        try:
+            await self._serve(receive, send)
+        finally:
+            self.slots.release(None)
+
+    async def _serve(self, receive: Any, send: Any) -> None:
         hub = self.hub
         await send({"type": "websocket.accept"})
         outbox = Outbox(hub.settings.outbox_frames, hub.settings.outbox_bytes)

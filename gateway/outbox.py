@@ -6,7 +6,9 @@ up, a frame goes straight to its socket (`direct`) and the queue stays empty.
 An outbox holds at most `max_frames` frames or `max_bytes` bytes; when a put
 goes over, consecutive `message.delta` frames of one message still queued are
 merged (PROTOCOL.md section 6), and if the client is still over the bound it is
-marked `overflowed`: its writer closes it with 4008 and nothing else waits for it.
+marked `overflowed` and `on_overflow` is called: the connection is closed with 4008 at
+once (its writer may be waiting for a socket that the client no longer reads), and
+nothing else waits for it.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ class Outbox:
         "max_bytes",
         "max_frames",
         "merged",
+        "on_overflow",
         "overflowed",
     )
 
@@ -78,9 +81,14 @@ class Outbox:
         # Writes a frame to the socket at once, or says False: used only while the queue is
         # empty and its writer is parked, so that order is kept.
         self.direct: Callable[[Frame], bool] | None = None
+        self.on_overflow: Callable[[], None] | None = None
 
     def __len__(self) -> int:
         return len(self._q)
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._bytes
 
     def deliver(self, frames: list[Frame]) -> None:
         """Bus subscriber entry point: events of this conversation, ascending."""
@@ -111,6 +119,8 @@ class Outbox:
                 self.overflowed = True
                 self._q.clear()
                 self._bytes = 0
+                if self.on_overflow is not None:
+                    self.on_overflow()
         self._wake()
 
     def close(self) -> None:

@@ -11,11 +11,19 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from gateway import auth
+from gateway.auth import Principal
 from gateway.conversation import ConversationHub
 from gateway.core.runs import RunStatus
 from gateway.errors import FrameError, SteerwayError
 from gateway.protocol.codes import ErrorCode
-from gateway.protocol.frames import MessageFrame, encode, is_conversation_id, validate_client_frame
+from gateway.protocol.frames import (
+    FrameLimits,
+    MessageFrame,
+    encode,
+    is_conversation_id,
+    validate_client_frame,
+)
 from store.base import StoreError
 
 LISTING_DEFAULT, LISTING_MAX = 50, 500
@@ -50,10 +58,12 @@ def _int(request: Request, name: str, default: int, maximum: int | None = None) 
     return value
 
 
-def _cid(request: Request) -> str:
+def _cid(request: Request, who: Principal) -> str:
+    """The path's conversation id, legal and covered by the token."""
     cid: str = request.path_params["conversation_id"]
     if not is_conversation_id(cid):
         raise _bad("illegal conversation id")
+    auth.for_conversation(who, cid)
     return cid
 
 
@@ -72,6 +82,8 @@ class Api:
     def __init__(self, hub: ConversationHub) -> None:
         self.hub = hub
         self.store = hub.store
+        self.settings = hub.settings
+        self.limits = FrameLimits(self.settings.max_text_chars, self.settings.max_metadata_bytes)
 
     def routes(self) -> list[Route]:
         return [
@@ -89,9 +101,14 @@ class Api:
         ]
 
     def wrap(self, handler: Any) -> Any:
+        """Authenticate (a user or admin token: PROTOCOL.md section 7), then `handler`
+        with the principal, which it checks against what the request touches."""
+
         async def endpoint(request: Request) -> Response:
             try:
-                response: Response = await handler(request)
+                who = auth.authenticate(request.scope, self.settings)
+                auth.for_user(who)
+                response: Response = await handler(request, who)
                 return response
             except SteerwayError as exc:
                 return error(exc.code, exc.message)
@@ -101,8 +118,8 @@ class Api:
         endpoint.__name__ = handler.__name__
         return endpoint
 
-    async def post_message(self, request: Request) -> Response:
-        cid = _cid(request)
+    async def post_message(self, request: Request, who: Principal) -> Response:
+        cid = _cid(request, who)
         body = await request.body()
         if len(body) > MAX_BODY:
             raise _bad(f"body over {MAX_BODY} bytes")
@@ -112,14 +129,14 @@ class Api:
             raise FrameError("the body is not valid JSON", code=ErrorCode.INVALID_JSON) from None
         if isinstance(obj, dict):
             obj.setdefault("type", "message")
-        frame = validate_client_frame(obj)
+        frame = validate_client_frame(obj, self.limits)
         if not isinstance(frame, MessageFrame):
             raise _bad("the body's `type` must be `message`")
-        ack = await self.hub.submit(cid, frame, "anonymous")
+        ack = await self.hub.submit(cid, frame, who.author)
         return json(encode(ack))
 
-    async def events(self, request: Request) -> Response:
-        cid = _cid(request)
+    async def events(self, request: Request, who: Principal) -> Response:
+        cid = _cid(request, who)
         after = _int(request, "after", 0)
         limit = _int(request, "limit", EVENTS_DEFAULT, EVENTS_MAX)
         head = await self.store.last_offset(cid)
@@ -128,10 +145,10 @@ class Api:
         body = b'{"events":[' + ",".join(payloads).encode() + b'],"head":%d}' % head
         return json(body)
 
-    async def transcript(self, request: Request) -> Response:
+    async def transcript(self, request: Request, who: Principal) -> Response:
         """The newest `limit` turns (in order) before the `before` cursor; `next_before`
         pages back to older ones, null on the oldest page."""
-        cid = _cid(request)
+        cid = _cid(request, who)
         limit = _int(request, "limit", EVENTS_DEFAULT, EVENTS_MAX)
         raw = request.query_params.get("before")
         before = None
@@ -146,7 +163,8 @@ class Api:
         nxt = _cursor(turns[0].offset) if more else None
         return json({"turns": [t.document() for t in turns], "next_before": nxt})
 
-    async def conversations(self, request: Request) -> Response:
+    async def conversations(self, request: Request, who: Principal) -> Response:
+        auth.for_admin(who)  # a listing across conversations
         limit = _int(request, "limit", LISTING_DEFAULT, LISTING_MAX)
         raw = request.query_params.get("before")
         before = None
@@ -166,14 +184,18 @@ class Api:
         nxt = _cursor([items[-1].last_activity, items[-1].conversation_id]) if more else None
         return json({"conversations": [c.listing() for c in items], "next_before": nxt})
 
-    async def runs(self, request: Request) -> Response:
+    async def runs(self, request: Request, who: Principal) -> Response:
         limit = _int(request, "limit", LISTING_DEFAULT, LISTING_MAX)
         status = request.query_params.get("status")
         if status is not None and status not in RunStatus._value2member_map_:
             raise _bad("unknown `status`")
         cid = request.query_params.get("conversation_id")
-        if cid is not None and not is_conversation_id(cid):
+        if cid is None:
+            auth.for_admin(who)  # runs of every conversation
+        elif not is_conversation_id(cid):
             raise _bad("illegal conversation id")
+        else:
+            auth.for_conversation(who, cid)
         raw = request.query_params.get("before")
         before = None
         if raw is not None:
@@ -186,16 +208,18 @@ class Api:
         runs = runs[:limit]
         return json({"runs": runs, "next_before": _cursor(runs[-1]["run_id"]) if more else None})
 
-    async def run(self, request: Request) -> Response:
+    async def _run_doc(self, request: Request, who: Principal) -> dict[str, Any]:
         doc = await self.store.get_run(request.path_params["run_id"])
         if doc is None:
-            return error(ErrorCode.UNKNOWN_RUN, "no run of that id")
-        return json(doc)
+            raise SteerwayError("no run of that id", code=ErrorCode.UNKNOWN_RUN)
+        auth.for_conversation(who, doc["conversation_id"])
+        return doc
 
-    async def cancel(self, request: Request) -> Response:
-        run_id = request.path_params["run_id"]
-        doc = await self.store.get_run(run_id)
-        if doc is None:
-            return error(ErrorCode.UNKNOWN_RUN, "no run of that id")
+    async def run(self, request: Request, who: Principal) -> Response:
+        return json(await self._run_doc(request, who))
+
+    async def cancel(self, request: Request, who: Principal) -> Response:
+        doc = await self._run_doc(request, who)
+        run_id = doc["run_id"]
         await self.hub.cancel(doc["conversation_id"], run_id)
         return json({"run_id": run_id, "status": "cancelled"}, 202)

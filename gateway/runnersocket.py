@@ -26,11 +26,12 @@ import contextlib
 import logging
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
+from gateway import auth
+from gateway.auth import Principal
 from gateway.conversation import ConversationHub
-from gateway.core.limits import TokenBucket
+from gateway.core.limits import ConnectionSlots, TokenBucket
 from gateway.errors import FrameError, SteerwayError
 from gateway.protocol.codes import CloseCode, ErrorCode
 from gateway.protocol.frames import (
@@ -46,60 +47,46 @@ from gateway.protocol.frames import (
     parse_runner_frame,
 )
 from gateway.runners.remote import RemotePool, RunnerLink, is_terminal
-from gateway.ws import BadRequest, Scope, deny
+from gateway.ws import Scope
 
 log = logging.getLogger("steerway.runners.socket")
 
 RUNNER_OUTBOX = 1024  # frames queued to one runner
 
 
-@dataclass(frozen=True, slots=True)
-class RunnerGrant:
-    """What a connection may do as a runner: the names it may announce (None: any)."""
-
-    subject: str = "anonymous"
-    names: frozenset[str] | None = None
-
-    def allows(self, name: str) -> bool:
-        return self.names is None or name in self.names
-
-
-def authorize_runner(scope: Scope) -> RunnerGrant:
-    """Who is connecting as a runner.  With no secret configured everything is open
-    (PROTOCOL.md section 7), so any name may be announced.  THE one place where a runner
-    token is checked (role `runner`, the names of its `runners` claim): raise
-    BadRequest(401 or 403, ...) to refuse the connection before the upgrade."""
-    return RunnerGrant()
-
-
 class RunnerSocket:
     """The ASGI app of `/ws/runners`."""
 
-    def __init__(self, hub: ConversationHub, pool: RemotePool) -> None:
+    def __init__(self, hub: ConversationHub, pool: RemotePool, slots: ConnectionSlots) -> None:
         self.hub = hub
         self.pool = pool
+        self.slots = slots  # the per-process connection limit, shared by every endpoint
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if (await receive())["type"] != "websocket.connect":
             return
-        try:
-            grant = authorize_runner(scope)
-        except BadRequest as exc:
-            await deny(send, scope, exc)
+        try:  # a runner token, or no secret (PROTOCOL.md section 7)
+            who = auth.admit(scope, self.hub.settings, auth.for_runner)
+            auth.take_slot(self.slots)
+        except auth.Refused as exc:
+            await auth.refuse(send, exc)
             return
-        await RunnerConnection(self.hub, self.pool, grant, send, receive).serve()
+        try:
+            await RunnerConnection(self.hub, self.pool, who, send, receive).serve()
+        finally:
+            self.slots.release(None)
 
 
 class RunnerConnection:
     """One remote runner's connection."""
 
     def __init__(
-        self, hub: ConversationHub, pool: RemotePool, grant: RunnerGrant, send: Any, receive: Any
+        self, hub: ConversationHub, pool: RemotePool, who: Principal, send: Any, receive: Any
     ) -> None:
         settings = hub.settings
         self.hub = hub
         self.pool = pool
-        self.grant = grant
+        self.who = who
         self.send = send
         self.receive = receive
         self.session_id = uuid.uuid4().hex
@@ -220,7 +207,9 @@ class RunnerConnection:
             )
             return
         name = frame.runner
-        if not self.grant.allows(name):
+        try:
+            auth.for_announce(self.who, name)
+        except auth.Refused:
             error = refusal(f"this token may not announce {name!r}")
             await self._close(CloseCode.FORBIDDEN, "forbidden", error)
             return

@@ -20,14 +20,17 @@ from urllib.parse import parse_qs
 
 import orjson
 
+from gateway import auth
+from gateway.auth import Refused
 from gateway.conversation import Cancel, ConversationActor, ConversationHub, Submit
-from gateway.core.limits import TokenBucket
+from gateway.core.limits import ConnectionSlots, TokenBucket
 from gateway.errors import FrameError, SteerwayError
 from gateway.outbox import Frame, Outbox
 from gateway.protocol.codes import CloseCode, ErrorCode
 from gateway.protocol.frames import (
     Ack,
     ErrorFrame,
+    FrameLimits,
     MessageFrame,
     PingFrame,
     Pong,
@@ -55,7 +58,6 @@ logging.getLogger("uvicorn.error").addFilter(_DenialLogFilter())
 Scope = dict[str, Any]
 Message = dict[str, Any]
 REPLAY_PAGE = 500
-ANONYMOUS = "anonymous"
 
 
 class BadRequest(Exception):
@@ -95,8 +97,9 @@ async def deny(send: Any, scope: Scope, error: BadRequest) -> None:
 class ConversationSocket:
     """The ASGI app of the conversation endpoint."""
 
-    def __init__(self, hub: ConversationHub) -> None:
+    def __init__(self, hub: ConversationHub, slots: ConnectionSlots) -> None:
         self.hub = hub
+        self.slots = slots
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if (await receive())["type"] != "websocket.connect":
@@ -108,16 +111,27 @@ class ConversationSocket:
             if not is_conversation_id(cid):
                 raise BadRequest(400, ErrorCode.INVALID_FRAME, "illegal conversation id")
             after = parse_after(query.get("after"))
-            try:
-                actor = await self.hub.get(cid)
-            except SteerwayError as exc:
-                raise BadRequest(503, exc.code, exc.message) from None
         except BadRequest as exc:
             await deny(send, scope, exc)
             return
-        label = (query.get("client") or [""])[-1][:64]
-        prebuilt = scope.get("extensions", {}).get(PREBUILT, {}).get("write")
-        await Session(self.hub, actor, send, receive, after, label, prebuilt).serve()
+        try:
+            who = auth.admit(scope, self.hub.settings, lambda p: auth.for_conversation(p, cid))
+            auth.take_slot(self.slots, cid)
+        except Refused as exc:
+            await auth.refuse(send, exc)
+            return
+        try:
+            try:
+                actor = await self.hub.get(cid)
+            except SteerwayError as exc:
+                await deny(send, scope, BadRequest(503, exc.code, exc.message))
+                return
+            label = (query.get("client") or [""])[-1][:64]
+            prebuilt = scope.get("extensions", {}).get(PREBUILT, {}).get("write")
+            session = Session(self.hub, actor, send, receive, after, label, who.author, prebuilt)
+            await session.serve()
+        finally:
+            self.slots.release(cid)
 
 
 class Session:
@@ -131,6 +145,7 @@ class Session:
         receive: Any,
         after: int | None,
         label: str,
+        author: str,
         prebuilt: Callable[[bytes], bool] | None = None,
     ) -> None:
         settings = hub.settings
@@ -141,10 +156,13 @@ class Session:
         self.after = after
         self.label = label
         self.session_id = uuid.uuid4().hex
-        self.author = ANONYMOUS
+        self.author = author
         self.outbox = Outbox(settings.outbox_frames, settings.outbox_bytes)
         self.bucket = TokenBucket(settings.rate_per_s, settings.rate_burst, time.monotonic())
+        self.limits = FrameLimits(settings.max_text_chars, settings.max_metadata_bytes)
         self.close_code: int | None = None
+        self._closing: asyncio.Task[None] | None = None
+        self.outbox.on_overflow = self._overflowed
         if prebuilt is not None:
             self._prebuilt = prebuilt
             self.outbox.direct = self._direct
@@ -177,6 +195,8 @@ class Session:
             metrics.connections.labels("conversation").dec()
             self.outbox.close()
             await writer
+            if self._closing is not None:
+                await self._closing
 
     # ------------------------------------------------------------------ writer
 
@@ -200,15 +220,18 @@ class Session:
                     observe(time.perf_counter() - frame.born)
                     frame.born = 0.0  # shared: the first delivery is the one measured
                 await send(frame.message)
-            if outbox.overflowed:
-                self.hub.metrics.slow_consumers.inc()
-                await self._close(CloseCode.SLOW_CONSUMER, "slow_consumer")
         except OSError:  # the client went away (uvicorn's ClientDisconnected)
             pass
         except Exception:
             log.exception("session %s: writer failed", self.session_id)
             with contextlib.suppress(Exception):
-                await self._close(1011, "internal error")
+                await self._close(CloseCode.INTERNAL_ERROR, "internal error")
+
+    def _overflowed(self) -> None:
+        """The client is too far behind (section 6): closed 4008 now, by a task of its own,
+        as the writer may be waiting for a socket the client no longer reads."""
+        self.hub.metrics.slow_consumers.inc()
+        self._closing = asyncio.create_task(self._close(CloseCode.SLOW_CONSUMER, "slow_consumer"))
 
     async def _replay(self, after: int, head: int) -> None:
         store = self.hub.store
@@ -225,7 +248,8 @@ class Session:
         if self.close_code is None:
             self.close_code = code
             self.outbox.close()
-            await self.send({"type": "websocket.close", "code": code, "reason": reason})
+            with contextlib.suppress(OSError):  # the client is gone already
+                await self.send({"type": "websocket.close", "code": code, "reason": reason})
 
     # ------------------------------------------------------------------ reader
 
@@ -265,7 +289,7 @@ class Session:
                 self._error(FrameError("binary frames are not accepted; send JSON text"))
                 continue
             try:
-                frame = parse_client_frame(text)
+                frame = parse_client_frame(text, self.limits)
             except FrameError as exc:
                 self._error(exc)
                 continue

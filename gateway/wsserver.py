@@ -1,22 +1,40 @@
-"""uvicorn's sans-I/O WebSocket protocol, with a fast path for frames built once.
+"""uvicorn's sans-I/O WebSocket protocol, with a fast path for frames built once,
+and with no peer outstaying its welcome.
 
 A conversation event is the same text for every client, and without
 permessage-deflate its WebSocket frame (RFC 6455 section 5.2: a server frame is
 not masked) is the same bytes too.  This protocol offers the ASGI app an
 extension, `steerway.prebuilt`, whose `write(data)` puts such a frame straight
 on the transport when the connection is open and writable, and returns False
-otherwise: the app then uses the ordinary `send`, which waits.  Everything else
-is uvicorn's.
+otherwise: the app then uses the ordinary `send`, which waits.
+
+Closing (PROTOCOL.md section 7):
+- a server shutdown closes with 1001, "going away" (uvicorn says 1012);
+- the app's close is written at once, even to a peer whose transport is paused
+  (a slow consumer, closed 4008, would otherwise never be closed);
+- a peer that does not finish a closing handshake, or answer a keepalive ping,
+  within `ws_ping_timeout` is aborted: a plain `transport.close()` waits for it
+  to read what is buffered, forever if it never reads again.
+
+The HTTP protocols close a connection that sends no request within uvicorn's
+keep-alive timeout from the start (uvicorn arms that timer only after a first
+response), so idle TCP connections do not pile up either.
+Everything else is uvicorn's.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
+from uvicorn.config import Config
+from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.http11 import Request
 from websockets.protocol import State
 
+from gateway.protocol.codes import CloseCode
 from gateway.protocol.frames import MAX_RUNNER_FRAME_BYTES
 
 PREBUILT = "steerway.prebuilt"
@@ -36,6 +54,11 @@ def text_frame(payload: bytes) -> bytes:
 
 
 class SteerwayWebSocketProtocol(WebSocketsSansIOProtocol):
+    def __init__(self, config: Config, *args: Any, **kwargs: Any) -> None:
+        super().__init__(config, *args, **kwargs)
+        # the time a peer has to answer, a ping or a close alike
+        self.close_timeout = config.ws_ping_timeout or self.close_timeout
+
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)
         scope: dict[str, Any] | None = getattr(self, "scope", None)
@@ -59,3 +82,59 @@ class SteerwayWebSocketProtocol(WebSocketsSansIOProtocol):
             return False
         self.transport.write(data)
         return True
+
+    async def send(self, message: Any) -> None:
+        closing = message["type"] == "websocket.close" and self.handshake_complete
+        if closing and not (self.initial_response or self.close_sent or self.disconnected):
+            # uvicorn would first wait for the transport to drain
+            self._close(message.get("code", CloseCode.NORMAL), message.get("reason") or "")
+            return
+        await super().send(message)
+
+    def shutdown(self) -> None:
+        if not self.handshake_complete or self.close_sent or self.disconnected:
+            super().shutdown()
+        else:
+            self.stop_keepalive()
+            self._close(CloseCode.GOING_AWAY, "server shutting down")
+        self._abort_later()
+
+    def keepalive_timeout(self) -> None:
+        super().keepalive_timeout()
+        self.transport.abort()  # it answers nothing: do not wait for it to read
+
+    def _close(self, code: int, reason: str) -> None:
+        """Send a close frame now and wait for the peer's at most `close_timeout`."""
+        if self.transport.is_closing():
+            return
+        self.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
+        self.conn.send_close(code, reason)
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.close_sent = True
+        if self.read_paused:  # read on, to see the peer's close
+            self.read_paused = False
+            self.transport.resume_reading()
+        self._abort_later()
+
+    def _abort_later(self) -> None:
+        if self.close_timer is not None:
+            self.close_timer.cancel()
+        self.close_timer = self.loop.call_later(self.close_timeout, self.transport.abort)
+
+
+def _arm_idle_timer(protocol: H11Protocol | HttpToolsProtocol) -> None:
+    protocol.timeout_keep_alive_task = protocol.loop.call_later(
+        protocol.timeout_keep_alive, protocol.timeout_keep_alive_handler
+    )
+
+
+class SteerwayH11Protocol(H11Protocol):
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        _arm_idle_timer(self)  # disarmed by the first bytes received
+
+
+class SteerwayHttpToolsProtocol(HttpToolsProtocol):
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        _arm_idle_timer(self)

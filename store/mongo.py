@@ -199,6 +199,8 @@ class MongoStore:
                 serverSelectionTimeoutMS=timeout_ms,
                 connectTimeoutMS=timeout_ms,
                 socketTimeoutMS=socket_timeout_ms,
+                # pooled connections a burst opened close once idle: no descriptor stays
+                maxIdleTimeMS=10_000,
                 appname="steerway",
             )
         except (PyMongoError, ValueError) as exc:

@@ -22,7 +22,7 @@ from gateway.config import Settings
 from gateway.conversation import ConversationHub
 from gateway.runners.echo import EchoRunner
 from gateway.runners.registry import RunnerRegistry
-from gateway.wsserver import SteerwayWebSocketProtocol
+from gateway.wsserver import SteerwayH11Protocol, SteerwayWebSocketProtocol
 from store.memory import MemoryStore
 
 TIMEOUT = 10.0
@@ -92,6 +92,15 @@ class Gateway:
     app: Starlette
     port: int
     store: MemoryStore
+    server: uvicorn.Server
+
+    def write_buffers(self) -> list[int]:
+        """Bytes waiting in each open connection's transport, not yet taken by the kernel."""
+        return [
+            conn.transport.get_write_buffer_size()
+            for conn in self.server.server_state.connections
+            if getattr(conn, "transport", None) is not None
+        ]
 
     @property
     def hub(self) -> ConversationHub:
@@ -131,6 +140,7 @@ class _Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config) -> None:
         super().__init__(config)
         self.ready = asyncio.Event()
+        self.port = 0
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
@@ -138,8 +148,9 @@ class _Server(uvicorn.Server):
 
 
 @contextlib.asynccontextmanager
-async def serve_asgi(app: Any, **options: Any) -> AsyncIterator[int]:
-    """Serve an ASGI app with uvicorn on a free port in this event loop; its port."""
+async def serve_asgi(app: Any, **options: Any) -> AsyncIterator[_Server]:
+    """Serve an ASGI app with uvicorn on a free port in this event loop; the server
+    (`port` is its port)."""
     sock = free_socket()
     options = {"loop": "asyncio", "http": "h11", "log_level": "warning", **options}
     server = _Server(uvicorn.Config(app, **options))
@@ -151,7 +162,8 @@ async def serve_asgi(app: Any, **options: Any) -> AsyncIterator[int]:
         if task.done():
             task.result()  # startup failed: raise its error
         assert server.started, "the server did not start in time"
-        yield sock.getsockname()[1]
+        server.port = sock.getsockname()[1]
+        yield server
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, TIMEOUT)
@@ -166,18 +178,23 @@ async def run_gateway(
 ) -> AsyncIterator[Gateway]:
     """Serve a gateway on a free port in this event loop; stop it on exit."""
     settings.setdefault("echo_delay_ms", 1)
+    settings.setdefault("shutdown_grace_s", 0)  # runs still active at the end end at once
     config = Settings.load(settings, environ={})
     store = store or MemoryStore()
     registry = RunnerRegistry([EchoRunner(delay_ms=config.echo_delay_ms), *(runners or [])])
     app = create_app(config, store=store, runners=registry)
     async with serve_asgi(
         app,
+        http=SteerwayH11Protocol,
         ws=SteerwayWebSocketProtocol,
         ws_max_size=config.max_frame_bytes,
         ws_per_message_deflate=config.ws_compression,
+        ws_ping_interval=config.ws_ping_interval_s,
+        ws_ping_timeout=config.ws_ping_timeout_s,
+        timeout_keep_alive=config.http_idle_s,
         lifespan="on",
-    ) as port:
-        yield Gateway(app, port, store)
+    ) as server:
+        yield Gateway(app, server.port, store, server)
 
 
 @pytest.fixture

@@ -95,6 +95,7 @@ class FakeOpenAI:
 async def fake_openai() -> AsyncIterator[FakeOpenAI]:
     fake = FakeOpenAI()
     # `critical`: the `break` case makes uvicorn log the aborted response as an error
-    async with serve_asgi(fake.app, log_level="critical") as port:
+    async with serve_asgi(fake.app, log_level="critical") as server:
+        port = server.port
         fake.port = port
         yield fake

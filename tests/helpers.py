@@ -6,7 +6,7 @@ The harness itself (a gateway on a free port, its clients) is in `tests.conftest
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
 import orjson
@@ -151,6 +151,14 @@ def event_texts(client: Client) -> list[str]:
 def assert_gap_free(client: Client, first: int = 1) -> None:
     offsets = [f["offset"] for f in client.events()]
     assert offsets == list(range(first, first + len(offsets))), offsets
+
+
+async def settled(gw: Gateway, condition: Callable[[], bool], within: float = TIMEOUT) -> None:
+    """Until `condition()` holds, for what the server does just after a client is gone:
+    each look is a request to the gateway, so its side of the connection gets to end."""
+    async with asyncio.timeout(within), gw.client() as http:
+        while not condition():
+            await http.get("/healthz")
 
 
 async def stored_events(gw: Gateway, cid: str) -> list[Event]:

@@ -20,8 +20,8 @@ STARTUP = 30.0
 class GatewayProcess:
     proc: asyncio.subprocess.Process
     port: int
-    lines: list[str] = field(default_factory=list)  # stderr up to "running on"
-    drain: asyncio.Task[None] | None = None  # keeps reading stderr so it never blocks
+    lines: list[str] = field(default_factory=list)  # stderr so far
+    drain: asyncio.Task[None] | None = None  # keeps reading stderr into `lines`
 
     @property
     def http(self) -> str:
@@ -80,13 +80,15 @@ async def spawn_gateway(*args: str, env: dict[str, str] | None = None) -> Gatewa
             proc.kill()
         await proc.wait()
         raise
-    return GatewayProcess(proc, int(found.group(1)), lines, asyncio.create_task(_drain(proc)))
+    return GatewayProcess(
+        proc, int(found.group(1)), lines, asyncio.create_task(_drain(proc, lines))
+    )
 
 
-async def _drain(proc: asyncio.subprocess.Process) -> None:
+async def _drain(proc: asyncio.subprocess.Process, lines: list[str]) -> None:
     assert proc.stderr is not None
-    while await proc.stderr.readline():
-        pass
+    while line := await proc.stderr.readline():
+        lines.append(line.decode(errors="replace"))
 
 
 def alive(pid: int) -> bool:

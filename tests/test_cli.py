@@ -47,7 +47,9 @@ async def test_serve_runs_a_real_process() -> None:
         "--store", "memory", "--runner", "echo", env={"STEERWAY_ECHO_DELAY_MS": "1"}
     )
     try:
-        assert any("no secret is configured" in line for line in gateway.lines)
+        warning = next(line for line in gateway.lines if "no secret is configured" in line)
+        assert warning.startswith("WARNING")
+        assert "authentication is OFF" in warning
         async with httpx.AsyncClient(base_url=gateway.http, timeout=10) as http:
             assert (await http.get("/healthz")).status_code == 200
             assert (await http.get("/readyz")).status_code == 200

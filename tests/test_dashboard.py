@@ -240,7 +240,11 @@ async def test_a_dashboard_that_stops_reading_is_closed_4008(gw: Gateway) -> Non
             await unblock.wait()
 
     inbox.put_nowait({"type": "websocket.connect"})
-    task = asyncio.create_task(DashboardSocket(gw.hub)({"type": "websocket"}, inbox.get, send))
+    task = asyncio.create_task(
+        DashboardSocket(gw.hub, gw.app.state.connections)(
+            {"type": "websocket", "headers": []}, inbox.get, send
+        )
+    )
     await asyncio.wait_for(snapshot_sent.wait(), TIMEOUT)
     for n in range(gw.hub.settings.outbox_frames + 1):
         gw.hub.dashboard.clients_changed(f"c{n}")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -21,6 +22,7 @@ from gateway.protocol.frames import (
     CancelFrame,
     CoalescedDelta,
     ErrorFrame,
+    FrameLimits,
     MessageCompleted,
     MessageDelta,
     MessageFrame,
@@ -403,6 +405,53 @@ def test_user_message_omits_absent_metadata() -> None:
     with_meta = UserMessage(**base, metadata={"k": 1})  # type: ignore[arg-type]
     assert orjson.loads(encode(with_meta))["metadata"] == {"k": 1}
     assert orjson.loads(encode(UserMessage(**base, metadata={})))["metadata"] == {}  # type: ignore[arg-type]
+
+
+def test_metadata_too_deep_for_its_event_is_refused_not_accepted() -> None:
+    # orjson encodes at most 254 levels: metadata that fits alone but not one level down,
+    # inside its `user.message`, once took the conversation's actor down
+    outcomes = set()
+    for depth in range(245, 262):
+        nested = orjson.loads("[" * depth + "]" * depth)
+        try:
+            frame = parse_client_frame(message_json(metadata={"d": nested}))
+        except FrameError as exc:
+            outcomes.add(exc.code)
+            continue
+        event = UserMessage(
+            conversation_id="c1",
+            run_id="r",
+            message_id="m",
+            client_msg_id="m",
+            text="x",
+            route="run",
+            author="a",
+            metadata=frame.metadata,
+        )
+        assert orjson.loads(encode(event))["metadata"] == frame.metadata
+        outcomes.add("accepted")
+    assert outcomes == {ErrorCode.INVALID_FRAME, "accepted"}
+
+
+def test_text_and_metadata_limits_come_from_the_caller() -> None:
+    small = FrameLimits(text_chars=3, metadata_bytes=9)
+    assert parse_client_frame(message_json(text="abc"), small).text == "abc"
+    too_long = refused_with(message_json(text="abcd"), small)
+    assert (too_long.code, too_long.message) == (ErrorCode.TEXT_TOO_LONG, "text over 3 characters")
+    assert parse_client_frame(message_json(metadata={"k": "v"}), small).metadata == {"k": "v"}
+    assert refused_with(message_json(metadata={"k": "vv"}), small).code is ErrorCode.INVALID_FRAME
+    assert parse_client_frame(message_json(text="x" * MAX_TEXT_CHARS)).text  # the protocol's
+
+
+def message_json(**fields: Any) -> str:
+    # the stdlib, which nests deeper than orjson
+    return json.dumps({"type": "message", "client_msg_id": "m1", "text": "t", **fields})
+
+
+def refused_with(raw: str, limits: FrameLimits) -> FrameError:
+    with pytest.raises(FrameError) as caught:
+        parse_client_frame(raw, limits)
+    return caught.value
 
 
 def test_run_ended_omits_error_unless_failed_and_always_has_usage() -> None:

@@ -339,8 +339,9 @@ async def test_the_runner_is_chosen_per_conversation_and_recorded_on_every_run(g
 
 async def test_a_runner_that_reads_nothing_is_closed_4008() -> None:
     """RunnerConnection.queue, with a socket that never takes a frame."""
+    from gateway.auth import OPEN
     from gateway.protocol.frames import RunCancel
-    from gateway.runnersocket import RUNNER_OUTBOX, RunnerConnection, RunnerGrant
+    from gateway.runnersocket import RUNNER_OUTBOX, RunnerConnection
 
     sent: list[dict[str, Any]] = []
     stuck = asyncio.Event()
@@ -351,7 +352,7 @@ async def test_a_runner_that_reads_nothing_is_closed_4008() -> None:
             await stuck.wait()
 
     async with run_gateway() as gw:
-        conn = RunnerConnection(gw.hub, gw.hub.runners.remote, RunnerGrant(), send, None)  # type: ignore[arg-type]
+        conn = RunnerConnection(gw.hub, gw.hub.runners.remote, OPEN, send, None)  # type: ignore[arg-type]
         for i in range(RUNNER_OUTBOX + 1):
             conn.queue(RunCancel(run_id=f"r{i}"))
         for task in list(conn._closing):

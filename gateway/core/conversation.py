@@ -18,7 +18,7 @@ from typing import Literal, cast
 from gateway.core.ids import new_id
 from gateway.core.recovery import Recovered
 from gateway.core.results import Result
-from gateway.core.routing import Refusal, Route, RoutingView, decide
+from gateway.core.routing import MAX_QUEUED_RUNS, MAX_STEERING, Refusal, Route, RoutingView, decide
 from gateway.core.runs import Run, RunKind, RunStatus, UserText
 from gateway.protocol.codes import ErrorCode
 from gateway.protocol.frames import (
@@ -97,8 +97,13 @@ class ConversationMachine:
         specs: Callable[[str], RunnerSpec | None],
         default_runner: str,
         runner: str | None = None,
+        *,
+        max_queued_runs: int = MAX_QUEUED_RUNS,
+        max_steering: int = MAX_STEERING,
     ) -> None:
         self.conversation_id = conversation_id
+        self.max_queued_runs = max_queued_runs
+        self.max_steering = max_steering
         self._specs = specs
         self.default_runner = default_runner
         self.runner = runner  # fixed by the conversation's first message
@@ -145,6 +150,8 @@ class ConversationMachine:
             can_steer=active is not None and self._spec(active).supports_steering,
             steering_waiting=len(active.steering) if active is not None else 0,
             queued_runs=self.queued_user_runs,
+            max_queued_runs=self.max_queued_runs,
+            max_steering=self.max_steering,
         )
         route = decide(view, frame.mode)
         if isinstance(route, Refusal):
@@ -221,6 +228,24 @@ class ConversationMachine:
             return False
         self._end(run, RunStatus.CANCELLED, "cancel_requested", now)
         return True
+
+    def shutdown(self, now: int) -> None:
+        """The gateway is stopping and its grace period is over (PROTOCOL.md section 7):
+        the active run ends `failed`/`shutdown` (retryable). Steering it leaves over
+        becomes its follow-up run (5.4), which cannot run here either and ends the same
+        way, so that no message is left without an outcome; queued runs stay queued for
+        the next gateway on the store."""
+        run = self.active
+        if run is None:
+            return
+        error = RunError(
+            code="shutdown", message="the gateway shut down before the run ended", retryable=True
+        )
+        carry = self._end(run, RunStatus.FAILED, "shutdown", now, error, start_next=False)
+        if carry:
+            follow_up = self._new_run(new_id("run"), RunKind.FOLLOW_UP, carry, now)
+            self._start(follow_up, now)
+            self._end(follow_up, RunStatus.FAILED, "shutdown", now, error, start_next=False)
 
     def result(self, run_id: str, result: Result, now: int) -> None:
         """A normalized runner result of a running run; results of ended runs are ignored."""

@@ -28,3 +28,42 @@ class TokenBucket:
             return True
         self.refusals += 1
         return False
+
+
+class ConnectionSlots:
+    """Open connections, per process and per key (a conversation), each with a cap.
+
+    `acquire` takes a slot at once or says which cap is reached; the caller releases
+    it when the connection ends, so a burst of connects cannot overshoot."""
+
+    __slots__ = ("_per_key", "max_per_key", "max_total", "total")
+
+    def __init__(self, max_total: int, max_per_key: int) -> None:
+        self.max_total = max_total
+        self.max_per_key = max_per_key
+        self.total = 0
+        self._per_key: dict[str, int] = {}
+
+    def count(self, key: str) -> int:
+        return self._per_key.get(key, 0)
+
+    def acquire(self, key: str | None = None) -> str | None:
+        """None once a slot is taken; else the reason it is not."""
+        if self.total >= self.max_total:
+            return "too many connections to this server"
+        if key is not None:
+            held = self._per_key.get(key, 0)
+            if held >= self.max_per_key:
+                return "too many connections to this conversation"
+            self._per_key[key] = held + 1
+        self.total += 1
+        return None
+
+    def release(self, key: str | None = None) -> None:
+        self.total -= 1
+        if key is not None:
+            held = self._per_key[key] - 1
+            if held:
+                self._per_key[key] = held
+            else:
+                del self._per_key[key]

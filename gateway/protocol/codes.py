@@ -18,6 +18,10 @@ class ErrorCode(enum.StrEnum):
     RUNNER_UNAVAILABLE = "runner_unavailable"
     INTERNAL = "internal"
     NOT_FOUND = "not_found"
+    # Only in REST bodies and before a WebSocket is served (section 7), never in error frames.
+    UNAUTHORIZED = "unauthorized"
+    FORBIDDEN = "forbidden"
+    TOO_MANY_CONNECTIONS = "too_many_connections"
 
     @property
     def http_status(self) -> int:
@@ -36,6 +40,9 @@ _HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.RUNNER_UNAVAILABLE: 503,
     ErrorCode.INTERNAL: 503,
     ErrorCode.NOT_FOUND: 404,
+    ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.FORBIDDEN: 403,
+    ErrorCode.TOO_MANY_CONNECTIONS: 503,
 }
 
 
@@ -46,6 +53,8 @@ class CloseCode(enum.IntEnum):
     GOING_AWAY = 1001  # server shutting down: reconnect with `after`
     POLICY_VIOLATION = 1008  # origin refused
     MESSAGE_TOO_BIG = 1009  # a message over the frame limit
+    INTERNAL_ERROR = 1011  # an unexpected server error; a peer that stopped answering pings
+    TRY_AGAIN_LATER = 1013  # connection limits (per conversation, per process)
     UNAUTHORIZED = 4001
     FORBIDDEN = 4003
     SLOW_CONSUMER = 4008

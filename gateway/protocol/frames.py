@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
 import orjson
@@ -21,8 +22,10 @@ from pydantic import (
     StringConstraints,
     TypeAdapter,
     ValidationError,
+    ValidationInfo,
     field_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from gateway.errors import FrameError
 from gateway.protocol.codes import ErrorCode
@@ -31,6 +34,17 @@ PROTOCOL_VERSION = 1
 MAX_TEXT_CHARS = 32_768
 MAX_METADATA_BYTES = 16 * 1024
 MAX_STATE_VALUE_BYTES = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class FrameLimits:
+    """The configurable limits of a client `message` (PROTOCOL.md sections 3 and 7)."""
+
+    text_chars: int = MAX_TEXT_CHARS
+    metadata_bytes: int = MAX_METADATA_BYTES
+
+
+PROTOCOL_LIMITS = FrameLimits()
 
 CONVERSATION_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 _ID_CHARS = r"^[A-Za-z0-9._:-]+$"
@@ -66,19 +80,42 @@ class Strict(BaseModel):
 # --------------------------------------------------------------------------- client frames
 
 
+def _limits(info: ValidationInfo) -> FrameLimits:
+    context = info.context
+    return context if isinstance(context, FrameLimits) else PROTOCOL_LIMITS
+
+
 class MessageFrame(Strict):
     type: Literal["message"]
     client_msg_id: ClientMsgId
-    text: Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT_CHARS)]
+    text: Annotated[str, StringConstraints(min_length=1)]
     mode: Mode = "auto"
     metadata: dict[str, Any] | None = None
     runner: RunnerName | None = None
 
+    @field_validator("text")
+    @classmethod
+    def _text_length(cls, value: str, info: ValidationInfo) -> str:
+        limit = _limits(info).text_chars
+        if len(value) > limit:
+            raise PydanticCustomError(
+                "text_too_long", "text over {limit} characters", {"limit": limit}
+            )
+        return value
+
     @field_validator("metadata")
     @classmethod
-    def _metadata_size(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None and len(_dumps_checked(value)) > MAX_METADATA_BYTES:
-            raise ValueError(f"metadata over {MAX_METADATA_BYTES} bytes as compact JSON")
+    def _metadata_size(
+        cls, value: dict[str, Any] | None, info: ValidationInfo
+    ) -> dict[str, Any] | None:
+        if value is None:
+            return None
+        # Encoded one level down, as in the `user.message` that will carry it: JSON
+        # nested too deep for the encoder is refused here, not when the event is built.
+        size = len(_dumps_checked([value])) - 2
+        limit = _limits(info).metadata_bytes
+        if size > limit:
+            raise ValueError(f"metadata over {limit} bytes as compact JSON")
         return value
 
 
@@ -106,12 +143,8 @@ def _dumps_checked(value: object) -> bytes:
 def _frame_error(exc: ValidationError, client_msg_id: str | None) -> FrameError:
     errors = exc.errors(include_url=False, include_context=False, include_input=False)
     for err in errors:
-        if err["loc"][-1:] == ("text",) and err["type"] == "string_too_long":
-            return FrameError(
-                f"text over {MAX_TEXT_CHARS} characters",
-                code=ErrorCode.TEXT_TOO_LONG,
-                client_msg_id=client_msg_id,
-            )
+        if err["type"] == "text_too_long":
+            return FrameError(err["msg"], code=ErrorCode.TEXT_TOO_LONG, client_msg_id=client_msg_id)
     first = errors[0]
     where = ".".join(str(part) for part in first["loc"][1:]) or "frame"
     return FrameError(f"{where}: {first['msg']}", client_msg_id=client_msg_id)
@@ -125,16 +158,20 @@ def _valid_msg_id(obj: dict[str, Any]) -> str | None:
     return None
 
 
-def parse_client_frame(raw: str | bytes) -> MessageFrame | CancelFrame | PingFrame:
+def parse_client_frame(
+    raw: str | bytes, limits: FrameLimits = PROTOCOL_LIMITS
+) -> MessageFrame | CancelFrame | PingFrame:
     """Parse one WebSocket text frame; raise FrameError with the code section 3 gives."""
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise FrameError("the frame is not valid JSON", code=ErrorCode.INVALID_JSON) from None
-    return validate_client_frame(obj)
+    return validate_client_frame(obj, limits)
 
 
-def validate_client_frame(obj: object) -> MessageFrame | CancelFrame | PingFrame:
+def validate_client_frame(
+    obj: object, limits: FrameLimits = PROTOCOL_LIMITS
+) -> MessageFrame | CancelFrame | PingFrame:
     """Validate an already decoded JSON value as a client frame."""
     if not isinstance(obj, dict):
         raise FrameError("a frame must be a JSON object")
@@ -143,7 +180,7 @@ def validate_client_frame(obj: object) -> MessageFrame | CancelFrame | PingFrame
     if kind not in ("message", "cancel", "ping"):
         raise FrameError(f"unknown frame type {str(kind)[:64]!r}", client_msg_id=msg_id)
     try:
-        return _client_frame.validate_python(obj)
+        return _client_frame.validate_python(obj, context=limits)
     except ValidationError as exc:
         raise _frame_error(exc, msg_id) from None
 

@@ -81,15 +81,16 @@ class LiveGateway:
 
         return asyncio.run_coroutine_threadsafe(run(), self._loop).result(TIMEOUT)
 
-    def get(self, path: str) -> Any:
-        """GET a REST path; the decoded JSON body."""
-        response = httpx.get(self.url + path, timeout=TIMEOUT)
+    def get(self, path: str, token: str | None = None) -> Any:
+        """GET a REST path (with a bearer token when given); the decoded JSON body."""
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        response = httpx.get(self.url + path, headers=headers, timeout=TIMEOUT)
         response.raise_for_status()
         return response.json()
 
-    def events(self, conversation_id: str) -> list[dict[str, Any]]:
+    def events(self, conversation_id: str, token: str | None = None) -> list[dict[str, Any]]:
         events: list[dict[str, Any]] = self.get(
-            f"/api/conversations/{conversation_id}/events?after=0"
+            f"/api/conversations/{conversation_id}/events?after=0", token
         )["events"]
         return events
 

@@ -170,3 +170,28 @@ def test_usable_at_375_px(serve, page: Page) -> None:
     page.goto(f"{live.url}/dashboard")
     expect(page.locator("#runs-body tr")).to_have_count(1)
     fits(page, 375)
+
+
+def test_a_token_in_the_address_opens_a_secured_gateway(serve, page: Page) -> None:
+    """With a secret, the pages take `?token=` once, keep it for the tab, drop it from
+    the address bar, and send it on every socket and request; without one they say
+    the person is not signed in."""
+    from gateway import auth
+
+    secret = "browser-test-secret-of-at-least-32-bytes"
+    live = serve(secret=secret)
+    page.goto(f"{live.url}/#locked")
+    expect(page.locator("body")).not_to_have_attribute("data-connection", "open")
+    expect(page.get_by_text("You're not signed in").first).to_be_visible()
+
+    admin = auth.mint(secret, "ops", "admin", 3600, (), ())
+    page.goto(f"{live.url}/?token={admin}#locked")
+    chat = Chat(page, live)
+    expect(page.locator("body")).to_have_attribute("data-connection", "open")
+    assert "token" not in page.url
+    chat.send("hello secured")
+    expect(chat.assistant()).to_have_text("echo: hello secured")
+    message = next(e for e in live.events("locked", admin) if e["type"] == "user.message")
+    assert message["author"] == "ops"
+    page.goto(f"{live.url}/dashboard")  # the same tab: the token is kept
+    expect(page.get_by_text("locked").first).to_be_visible()

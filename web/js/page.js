@@ -125,13 +125,42 @@ function statusCode(status) {
   return "unavailable";
 }
 
+const TOKEN_KEY = "steerway.token";
+
+/**
+ * The access token of a gateway that has a secret (PROTOCOL.md section 7): given
+ * once in the page's address as `?token=…`, then kept for this tab only
+ * (sessionStorage) and taken out of the address bar, so it is not bookmarked,
+ * shared or sent as a referrer. Null on an open gateway.
+ */
+export function accessToken() {
+  const url = new URL(location.href);
+  const given = url.searchParams.get("token");
+  if (given) {
+    sessionStorage.setItem(TOKEN_KEY, given);
+    url.searchParams.delete("token");
+    history.replaceState(history.state, "", url);
+  }
+  return sessionStorage.getItem(TOKEN_KEY);
+}
+
+/** `path` with the access token added to its query, for WebSocket URLs. */
+export function withToken(path) {
+  const token = accessToken();
+  if (!token) return path;
+  return `${path}${path.includes("?") ? "&" : "?"}token=${encodeURIComponent(token)}`;
+}
+
 /** Fetch JSON; throw an ApiError whose message a person can read. */
 export async function api(path, { method = "GET", body } = {}) {
   let response;
+  const headers = body === undefined ? {} : { "content-type": "application/json" };
+  const token = accessToken();
+  if (token) headers.authorization = `Bearer ${token}`;
   try {
     response = await fetch(path, {
       method,
-      headers: body === undefined ? {} : { "content-type": "application/json" },
+      headers,
       body: body === undefined ? undefined : JSON.stringify(body),
     });
   } catch {

@@ -3,6 +3,8 @@
 // detects a silent connection with an application ping, and reports its state so
 // the page can show an offline banner.
 
+import { withToken } from "./page.js";
+
 const FATAL = new Set([4001, 4003, 1008]); // unauthorized, forbidden, origin refused
 
 export class LiveSocket {
@@ -77,7 +79,7 @@ export class LiveSocket {
   connect() {
     if (this.stopped) return;
     const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-    const ws = new WebSocket(`${scheme}//${location.host}${this.url()}`);
+    const ws = new WebSocket(`${scheme}//${location.host}${withToken(this.url())}`);
     this.ws = ws;
     this.onStatus({ state: "connecting", attempt: this.attempt });
     let first = true;
