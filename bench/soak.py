@@ -2,7 +2,8 @@
 with the gateway's memory and file descriptors before, during and after (issue 7, item 8).
 
     .venv/bin/python bench/soak.py [--connections 1000] [--conversations 100]
-                                   [--duration 60] [--store auto|memory] [--json out.json]
+                                   [--duration 60] [--warmup 30] [--store auto|memory]
+                                   [--json out.json]
 
 Run from the repo root.  `steerway serve` runs as a subprocess pinned to core 0 (the
 embedded nx-27017 store by default, in a temp dir, so that stored events are not in
@@ -10,11 +11,14 @@ the gateway's memory); this process, pinned to core 1, runs `--connections` clie
 once, spread over `--conversations` conversations.  Each client, over and over until
 the time is up: connects, sends a message, sends a steering message (`mode: steer`)
 as soon as the first is acknowledged, waits for a run of its conversation to end,
-disconnects, and thinks 0.2-1 s.  Before: after a warm-up round of 50 clients,
-once idle actors and store connections are gone.  During: sampled every second
-(the peak is reported).  After: once every client is gone and as long again.  The
-target: memory (RSS) and file descriptors after within 10% of before; the exit
-status is 0 when both are.
+disconnects, and thinks 0.2-1 s.  Cold: after a warm-up of 50 clients, once idle
+actors and store connections are gone.  Before: after a warm-up round of the same
+soak (`--warmup` seconds, at full scale), settled the same way: the first burst
+of 1,000 connections raises the process's memory once to a high-water mark that
+the allocator keeps (docs/performance.md), and a leak is what grows beyond it.
+During: sampled every second (the peak is reported).  After: once every client is
+gone and as long again.  The target: memory (RSS) and file descriptors after
+within 10% of before; the exit status is 0 when both are.
 The gateway is stopped by its pid at the end (it stops its nx-27017).
 """
 
@@ -136,20 +140,35 @@ async def settle(server: Server) -> Figures:
     return last
 
 
+def clients(
+    args: argparse.Namespace, server: Server, seconds: float, counts: Counts, rng: random.Random
+) -> list[asyncio.Task[None]]:
+    until = time.monotonic() + seconds
+    return [
+        asyncio.create_task(
+            client(server.url(f"soak-{i % args.conversations}"), until, counts, rng)
+        )
+        for i in range(args.connections)
+    ]
+
+
 async def soak(args: argparse.Namespace, server: Server) -> dict[str, object]:
     rng = random.Random(7)
     url = server.url
     warm = Counts()
     await asyncio.gather(*(cycle(url(f"warm-{i % 10}"), warm, i) for i in range(50)))
+    cold = await settle(server)
+    print(f"cold: rss {cold.rss_kib / 1024:.1f} MiB, fds {cold.fds}")
+    warmup = Counts()
+    await asyncio.gather(*clients(args, server, args.warmup, warmup, rng))
     before = await settle(server)
-    print(f"before: rss {before.rss_kib / 1024:.1f} MiB, fds {before.fds}")
+    print(
+        f"before (after a {args.warmup:.0f} s warm-up round, {warmup.cycles} visits): "
+        f"rss {before.rss_kib / 1024:.1f} MiB, fds {before.fds}"
+    )
 
     counts = Counts()
-    until = time.monotonic() + args.duration
-    workers = [
-        asyncio.create_task(client(url(f"soak-{i % args.conversations}"), until, counts, rng))
-        for i in range(args.connections)
-    ]
+    workers = clients(args, server, args.duration, counts, rng)
     peak = Figures(0, 0)
     samples: list[dict[str, float]] = []
     start = time.monotonic()
@@ -170,6 +189,7 @@ async def soak(args: argparse.Namespace, server: Server) -> dict[str, object]:
         f"messages, {counts.runs_seen} run ends seen; errors {counts.errors or 'none'}"
     )
     return {
+        "cold": asdict(cold),
         "before": asdict(before),
         "peak": asdict(peak),
         "after": asdict(after),
@@ -183,6 +203,9 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=1000)
     parser.add_argument("--conversations", type=int, default=100)
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of soak")
+    parser.add_argument(
+        "--warmup", type=float, default=30.0, help="seconds of the full-scale warm-up round"
+    )
     parser.add_argument("--store", choices=["auto", "memory"], default="auto")
     parser.add_argument("--json", type=Path)
     parser.set_defaults(profile=None)  # what bench.fanout.report reads
