@@ -624,6 +624,24 @@ def _median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def run_notes(r: RunResult) -> list[str]:
+    """What went wrong in one run, or made it less telling, for the tables' `!` lines."""
+    notes = []
+    if r.misordered:
+        notes.append(f"{r.misordered} out of order/gap/duplicate")
+    if r.coalesced_frames:
+        notes.append(f"{r.coalesced_frames} coalesced frames")
+    if r.closed:
+        notes.append(f"closed early: {r.closed}")
+    if r.errors:
+        notes.append(f"errors: {r.errors}")
+    if r.run_status not in (None, "completed"):  # the baseline ends no run: None
+        notes.append(f"run.ended {r.run_status}")
+    if r.others_share >= CONTENDED:
+        notes.append(f"contended: other processes used {r.others_share:.0%} of core 0")
+    return notes
+
+
 def fmt_table(runs: list[RunResult], idle: list[IdleResult]) -> str:
     head = (
         f"{'server':<9} {'rate':>5} {'clients':>7} {'delivered':>17} {'chunks/s':>9} "
@@ -639,19 +657,7 @@ def fmt_table(runs: list[RunResult], idle: list[IdleResult]) -> str:
             f"{r.cpu_us_per_chunk:>8.2f} {r.server_cpu_share:>6.0%} {r.client_cpu_share:>7.0%} "
             f"{r.others_share:>6.0%} {r.steal_share:>5.0%}"
         )
-        notes = []
-        if r.misordered:
-            notes.append(f"{r.misordered} out of order/gap/duplicate")
-        if r.coalesced_frames:
-            notes.append(f"{r.coalesced_frames} coalesced frames")
-        if r.closed:
-            notes.append(f"closed early: {r.closed}")
-        if r.errors:
-            notes.append(f"errors: {r.errors}")
-        if r.others_share >= CONTENDED:
-            notes.append(f"contended: other processes used {r.others_share:.0%} of core 0")
-        if r.server == "gateway" and r.run_status not in (None, "completed"):
-            notes.append(f"run.ended {r.run_status}")
+        notes = run_notes(r)
         if notes:
             lines.append("          ! " + "; ".join(notes))
     if any(len(group) > 1 for group in _groups(runs).values()):

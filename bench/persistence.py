@@ -72,6 +72,7 @@ from bench.fanout import (  # noqa: E402
     prepare,
     proc_cpu_s,
     report,
+    run_notes,
     throughput,
     wait_quiet,
 )
@@ -570,19 +571,7 @@ def fmt_fanout(runs: list[FanoutRun]) -> str:
             f"{r.client_cpu_share:>7.0%} {r.others_share:>6.0%} {f.client_core_others:>6.0%} "
             f"{r.steal_share:>5.0%}"
         )
-        notes = []
-        if r.misordered:
-            notes.append(f"{r.misordered} out of order/gap/duplicate")
-        if r.coalesced_frames:
-            notes.append(f"{r.coalesced_frames} coalesced frames")
-        if r.closed:
-            notes.append(f"closed early: {r.closed}")
-        if r.errors:
-            notes.append(f"errors: {r.errors}")
-        if r.run_status not in (None, "completed"):
-            notes.append(f"run.ended {r.run_status}")
-        if r.others_share >= CONTENDED:
-            notes.append(f"contended: other processes used {r.others_share:.0%} of core 0")
+        notes = run_notes(r)
         if f.client_core_others >= CONTENDED:
             notes.append(f"other processes used {f.client_core_others:.0%} of core {CLIENT_CORE}")
         if notes:
