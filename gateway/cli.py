@@ -18,7 +18,7 @@ import uvloop
 from gateway import auth
 from gateway.app import create_app, open_store
 from gateway.config import Settings
-from gateway.wsserver import SteerwayHttpToolsProtocol, SteerwayWebSocketProtocol
+from gateway.wsserver import SteerwayHttpToolsProtocol, connection_options
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -107,12 +107,7 @@ async def run_server(settings: Settings) -> None:
             host=settings.host,
             port=settings.port,
             http=SteerwayHttpToolsProtocol,
-            ws=SteerwayWebSocketProtocol,
-            ws_max_size=settings.max_frame_bytes,
-            ws_per_message_deflate=settings.ws_compression,
-            ws_ping_interval=settings.ws_ping_interval_s,
-            ws_ping_timeout=settings.ws_ping_timeout_s,
-            timeout_keep_alive=settings.http_idle_s,
+            **connection_options(settings),
             log_level=settings.log_level,
             access_log=False,
         )

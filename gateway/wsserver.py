@@ -34,6 +34,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.http11 import Request
 from websockets.protocol import State
 
+from gateway.config import Settings
 from gateway.protocol.codes import CloseCode
 from gateway.protocol.frames import MAX_RUNNER_FRAME_BYTES
 
@@ -138,3 +139,16 @@ class SteerwayHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         _arm_idle_timer(self)
+
+
+def connection_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's options for WebSocket and HTTP connections as the settings want them:
+    the same in `steerway serve` and in the tests (which choose their HTTP protocol)."""
+    return {
+        "ws": SteerwayWebSocketProtocol,
+        "ws_max_size": settings.max_frame_bytes,
+        "ws_per_message_deflate": settings.ws_compression,
+        "ws_ping_interval": settings.ws_ping_interval_s,
+        "ws_ping_timeout": settings.ws_ping_timeout_s,
+        "timeout_keep_alive": settings.http_idle_s,
+    }

@@ -22,7 +22,7 @@ from gateway.config import Settings
 from gateway.conversation import ConversationHub
 from gateway.runners.echo import EchoRunner
 from gateway.runners.registry import RunnerRegistry
-from gateway.wsserver import SteerwayH11Protocol, SteerwayWebSocketProtocol
+from gateway.wsserver import SteerwayH11Protocol, connection_options
 from store.memory import MemoryStore
 
 TIMEOUT = 10.0
@@ -186,12 +186,7 @@ async def run_gateway(
     async with serve_asgi(
         app,
         http=SteerwayH11Protocol,
-        ws=SteerwayWebSocketProtocol,
-        ws_max_size=config.max_frame_bytes,
-        ws_per_message_deflate=config.ws_compression,
-        ws_ping_interval=config.ws_ping_interval_s,
-        ws_ping_timeout=config.ws_ping_timeout_s,
-        timeout_keep_alive=config.http_idle_s,
+        **connection_options(config),
         lifespan="on",
     ) as server:
         yield Gateway(app, server.port, store, server)
