@@ -70,12 +70,19 @@ class WriteBatch:
     conversations: list[ConversationRecord] = field(default_factory=list)
     turns: list[TurnRecord] = field(default_factory=list)
     node: str = ""  # the node that wrote it: stored on run documents as their owner
+    # Cluster mode: conversation id -> the writer's fencing epoch (`Store.claim`). The
+    # store refuses the whole batch (StoreConflict) when a later epoch was claimed.
+    fences: dict[str, int] = field(default_factory=dict)
 
     def extend(self, other: WriteBatch) -> None:
         self.events.extend(other.events)
         self.runs.extend(other.runs)
         self.conversations.extend(other.conversations)
         self.turns.extend(other.turns)
+        self.fences.update(other.fences)
+
+    def conversation_ids(self) -> set[str]:
+        return {ev.conversation_id for ev in self.events} | set(self.fences)
 
 
 class Store(Protocol):
@@ -86,6 +93,10 @@ class Store(Protocol):
 
     async def ping(self) -> None:
         """Return when the backend answers; raise StoreError otherwise."""
+
+    async def claim(self, conversation_id: str) -> int:
+        """Take the next fencing epoch of a conversation (cluster mode, on taking it over):
+        from then on a batch fenced with an older epoch is refused with StoreConflict."""
 
     async def get_conversation(self, conversation_id: str) -> ConversationRecord | None:
         """The conversation document as last written (its `head` may lag the events by
@@ -130,3 +141,12 @@ class Store(Protocol):
 
 class StoreError(Exception):
     """The backend failed or did not answer."""
+
+
+class StoreConflict(StoreError):
+    """A write that must not be retried: another writer owns the conversation (a later
+    fencing epoch was claimed), or an offset it writes is stored with another event."""
+
+    def __init__(self, conversation_id: str, message: str) -> None:
+        super().__init__(message)
+        self.conversation_id = conversation_id

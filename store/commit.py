@@ -7,6 +7,10 @@ the 10 ms of PROTOCOL.md section 2).  A failed write is retried, with backoff,
 as the same batch: writes are idempotent, and nothing queued behind it overtakes
 it, so offsets are never reordered.  `healthy` is False from a failed write to
 the next successful one.
+
+A conflict (`StoreConflict`: another writer owns the conversation, or an offset is
+stored with another event) is never retried: the batches of that conversation
+fail, with every later batch of the same writer, and the rest is written.
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import weakref
+from typing import Any
 
-from store.base import Store, WriteBatch
+from store.base import Store, StoreConflict, WriteBatch
 
 log = logging.getLogger("steerway.store")
 
@@ -31,8 +37,10 @@ class GroupCommitter:
     ) -> None:
         self._store = store
         self._max_events = max_events
-        self._queue: asyncio.Queue[tuple[WriteBatch, asyncio.Future[None]]] = asyncio.Queue(
-            max_pending
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue(max_pending)
+        # writers (any object: an event log) whose batch conflicted: the rest of theirs fails
+        self._conflicted: weakref.WeakKeyDictionary[Any, StoreConflict] = (
+            weakref.WeakKeyDictionary()
         )
         self._backoff = backoff
         self._task: asyncio.Task[None] | None = None
@@ -57,33 +65,45 @@ class GroupCommitter:
         """Return once `batch` is durably stored."""
         await asyncio.shield(await self.submit(batch))
 
-    async def submit(self, batch: WriteBatch) -> asyncio.Future[None]:
+    async def submit(self, batch: WriteBatch, writer: Any = None) -> asyncio.Future[None]:
         """Queue `batch` (waiting while the queue is full); the future is done once it is
-        durably stored. Batches are stored, and their futures done, in queue order."""
+        durably stored, or fails with StoreConflict. Batches are stored, and their futures
+        done, in queue order. `writer` (weakly held) names whose batches follow a conflict
+        down."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        await self._queue.put((batch, done))
+        await self._queue.put(_Item(batch, done, writer))
         return done
 
     async def _run(self) -> None:
         while True:
             items = [await self._queue.get()]
-            batch = WriteBatch()
-            batch.extend(items[0][0])
-            while not self._queue.empty() and len(batch.events) < self._max_events:
-                item = self._queue.get_nowait()
-                items.append(item)
-                batch.extend(item[0])
-            await self._write(batch)
-            for _, done in items:
-                if not done.done():
-                    done.set_result(None)
-                self._queue.task_done()
+            while not self._queue.empty() and sum(len(i.batch.events) for i in items) < (
+                self._max_events
+            ):
+                items.append(self._queue.get_nowait())
+            try:
+                await self._write(items)
+            finally:
+                for _ in items:
+                    self._queue.task_done()
 
-    async def _write(self, batch: WriteBatch) -> None:
+    async def _write(self, items: list[_Item]) -> None:
         delay, ceiling = self._backoff
         while True:
+            items = [item for item in items if not self._refused(item)]
+            if not items:
+                return
+            batch = WriteBatch()
+            for item in items:
+                batch.extend(item.batch)
             try:
                 await self._store.write(batch)
+            except StoreConflict as exc:
+                log.error("store write refused: %s", exc)
+                for item in items:
+                    if exc.conversation_id in item.batch.conversation_ids():
+                        self._fail(item, exc)
+                continue  # the rest at once: a conflict says nothing of the store's health
             except Exception as exc:
                 if self.healthy:
                     log.error("store write failed, retrying: %s", exc)
@@ -95,4 +115,31 @@ class GroupCommitter:
                 log.warning("store write succeeded again")
             self.healthy = True
             self.batches += 1
+            for item in items:
+                if not item.done.done():
+                    item.done.set_result(None)
             return
+
+    def _refused(self, item: _Item) -> bool:
+        """Fail an item at once if its writer's earlier batch conflicted."""
+        conflict = self._conflicted.get(item.writer) if item.writer is not None else None
+        if conflict is None:
+            return False
+        if not item.done.done():
+            item.done.set_exception(conflict)
+        return True
+
+    def _fail(self, item: _Item, exc: StoreConflict) -> None:
+        if item.writer is not None:
+            self._conflicted[item.writer] = exc
+        if not item.done.done():
+            item.done.set_exception(exc)
+
+
+class _Item:
+    __slots__ = ("batch", "done", "writer")
+
+    def __init__(self, batch: WriteBatch, done: asyncio.Future[None], writer: Any) -> None:
+        self.batch = batch
+        self.done = done
+        self.writer = writer

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from store.base import ConversationRecord, StoreError, TurnRecord, WriteBatch
+from store.base import ConversationRecord, StoreConflict, StoreError, TurnRecord, WriteBatch
 
 
 class MemoryStore:
@@ -19,32 +19,45 @@ class MemoryStore:
         self._runs: dict[str, dict[str, Any]] = {}
         self._turns: dict[str, list[TurnRecord]] = {}
         self._turn_ids: set[tuple[str, str]] = set()
+        self._epochs: dict[str, int] = {}
         self.fail = False
 
     def _check(self) -> None:
         if self.fail:
             raise StoreError("memory store is set to fail")
 
+    async def claim(self, conversation_id: str) -> int:
+        self._check()
+        self._epochs[conversation_id] = self._epochs.get(conversation_id, 0) + 1
+        return self._epochs[conversation_id]
+
     async def write(self, batch: WriteBatch) -> None:
         self._check()
+        for cid, epoch in batch.fences.items():
+            if self._epochs.get(cid, 0) > epoch:
+                raise StoreConflict(cid, f"{cid}: fenced, epoch {epoch} is stale")
         for ev in batch.events:
             log = self._events.setdefault(ev.conversation_id, [])
             if ev.offset <= len(log):
                 if log[ev.offset - 1] != ev.payload:
-                    raise StoreError(
+                    raise StoreConflict(
+                        ev.conversation_id,
                         f"{ev.conversation_id}: offset {ev.offset} is already stored "
-                        "with another event"
+                        "with another event",
                     )
                 continue  # already written by an earlier try of this batch
             if ev.offset != len(log) + 1:
-                raise StoreError(f"{ev.conversation_id}: offset {ev.offset} after {len(log)}")
+                raise StoreConflict(
+                    ev.conversation_id, f"{ev.conversation_id}: offset {ev.offset} after {len(log)}"
+                )
             if (
                 ev.client_msg_id is not None
                 and (ev.conversation_id, ev.client_msg_id) in self._keys
             ):
-                raise StoreError(
+                raise StoreConflict(
+                    ev.conversation_id,
                     f"{ev.conversation_id}: client_msg_id {ev.client_msg_id!r} is already "
-                    f"stored at another offset than {ev.offset}"
+                    f"stored at another offset than {ev.offset}",
                 )
             log.append(ev.payload)
             if ev.run_id is not None:

@@ -8,6 +8,7 @@ Four collections (docs/storage.md has the schema and the reasons):
   as sent on the wire. A user.message is always alone: it carries the idempotency key.
 - `runs`: `_id` = run id; the run document, plus `node` (owner) and `heartbeat` (ms).
 - `transcripts`: one document per turn, `_id` = "<conversation id>:<message id>".
+- `fences`: `_id` = conversation id; `epoch`, the fencing token of its writer (cluster mode).
 
 Only what MongoDB, nx-27017 and mongoeco all do alike is used: plain, unique and
 sparse single-field indexes and plain compound ones, ordered `insert_many`,
@@ -29,12 +30,19 @@ from collections.abc import Iterator
 from typing import Any
 
 from bson.errors import BSONError
-from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, UpdateOne
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, CollectionInvalid, OperationFailure, PyMongoError
 
-from store.base import ConversationRecord, EventRecord, StoreError, TurnRecord, WriteBatch
+from store.base import (
+    ConversationRecord,
+    EventRecord,
+    StoreConflict,
+    StoreError,
+    TurnRecord,
+    WriteBatch,
+)
 
 Document = dict[str, Any]
 
@@ -84,6 +92,7 @@ INDEXES: dict[str, dict[str, tuple[list[tuple[str, int]], dict[str, Any]]]] = {
     "transcripts": {
         "conversation_offset": ([("conversation_id", ASCENDING), ("offset", ASCENDING)], {}),
     },
+    "fences": {},
 }
 
 
@@ -181,6 +190,7 @@ class MongoStore:
         self._runs: AsyncCollection[Document] = self.db["runs"]
         self._conversations: AsyncCollection[Document] = self.db["conversations"]
         self._transcripts: AsyncCollection[Document] = self.db["transcripts"]
+        self._fences: AsyncCollection[Document] = self.db["fences"]
 
     @classmethod
     async def open(
@@ -232,9 +242,32 @@ class MongoStore:
 
     # writes
 
+    async def claim(self, conversation_id: str) -> int:
+        with _errors("claim"):
+            doc = await self._fences.find_one_and_update(
+                {"_id": conversation_id},
+                {"$inc": {"epoch": 1}},
+                upsert=True,
+                return_document=ReturnDocument.AFTER,
+            )
+        return int(doc["epoch"])
+
+    async def _check_fences(self, fences: dict[str, int]) -> None:
+        """One read for the whole batch. A writer that passes it and is then paused
+        may still insert after a newer writer claimed: the unique offset index is the
+        last fence (a conflicting event at the same offset)."""
+        with _errors("read fences"):
+            cursor = self._fences.find({"_id": {"$in": list(fences)}}, {"epoch": 1})
+            async for doc in cursor:
+                if int(doc["epoch"]) > fences[doc["_id"]]:
+                    cid = doc["_id"]
+                    raise StoreConflict(cid, f"{cid}: fenced, epoch {fences[cid]} is stale")
+
     async def write(self, batch: WriteBatch) -> None:
         """Events, then runs, then conversations, then transcripts: a reader that sees
         a run or a head also finds the events behind it."""
+        if batch.fences:
+            await self._check_fences(batch.fences)
         if batch.events:
             await self._insert_events(pack(batch.events))
         if batch.runs:
@@ -277,9 +310,10 @@ class MongoStore:
                     stored[(cid, doc["offset"] + index)] = payload
         first = docs[0]
         if (first["conversation_id"], first["offset"]) not in stored:
-            raise StoreError(
+            raise StoreConflict(
+                first["conversation_id"],
                 f"{first['conversation_id']}: client_msg_id {first.get('client_msg_id')!r} "
-                f"is already stored at another offset than {first['offset']}"
+                f"is already stored at another offset than {first['offset']}",
             )
         rest: list[Document] = []
         for doc in docs:
@@ -296,7 +330,9 @@ class MongoStore:
                     piece["payloads"].append(payload)
                     continue
                 if before != payload:
-                    raise StoreError(f"{cid}: offset {offset} is already stored with another event")
+                    raise StoreConflict(
+                        cid, f"{cid}: offset {offset} is already stored with another event"
+                    )
                 piece = None
         return rest
 

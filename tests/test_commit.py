@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 
-from store.base import EventRecord, StoreError, WriteBatch
+import pytest
+
+from store.base import EventRecord, StoreConflict, StoreError, WriteBatch
 from store.commit import GroupCommitter
 from store.memory import MemoryStore
 from tests.helpers import TIMEOUT
@@ -33,6 +35,10 @@ class GatedStore(MemoryStore):
             self.failed.set()
             raise StoreError("down")
         await super().write(batch)
+
+
+class Writer:
+    """A writer key (weakly held by the committer), as an event log is."""
 
 
 def batch(offset: int) -> WriteBatch:
@@ -96,5 +102,38 @@ async def test_healthy_is_false_from_a_failed_write_to_the_next_success() -> Non
         await asyncio.wait_for(pending, TIMEOUT)
         assert committer.healthy
         assert await store.last_offset("c") == 1
+    finally:
+        await committer.stop()
+
+
+async def test_a_conflict_fails_that_writers_batches_and_the_rest_is_written() -> None:
+    """Issue 12, item 2: a conflicting batch is not retried forever; it fails, so do the
+    later batches of the same writer, and other conversations' batches are stored."""
+    store = GatedStore()
+    taken = EventRecord("c", 1, "x", 1, '{"other":1}', "r")
+    await MemoryStore.write(store, WriteBatch(events=[taken]))
+    committer = GroupCommitter(store, backoff=(0.001, 0.002))
+    committer.start()
+    stale, fresh = Writer(), Writer()
+    try:
+        first = await committer.submit(batch(1), writer=stale)  # offset 1 holds another event
+        await asyncio.wait_for(store.entered.wait(), TIMEOUT)
+        later = await committer.submit(batch(2), writer=stale)
+        other_ev = EventRecord("d", 1, "x", 1, '{"d":1}', "r")
+        other = await committer.submit(WriteBatch(events=[other_ev]), writer=fresh)
+        store.gate.set()
+        await asyncio.wait_for(asyncio.wait([first, later, other]), TIMEOUT)
+        assert isinstance(first.exception(), StoreConflict)
+        assert isinstance(later.exception(), StoreConflict)
+        assert other.result() is None
+        assert committer.healthy
+        assert await store.read_events("c", 0, 10) == ['{"other":1}']
+        assert await store.read_events("d", 0, 10) == ['{"d":1}']
+        # a batch of the refused writer submitted afterwards fails at once, unwritten
+        writes = len(store.writes)
+        again = await committer.submit(batch(3), writer=stale)
+        with pytest.raises(StoreConflict):
+            await asyncio.wait_for(again, TIMEOUT)
+        assert len(store.writes) == writes
     finally:
         await committer.stop()

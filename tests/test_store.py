@@ -34,7 +34,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from store import embedded
-from store.base import ConversationRecord, EventRecord, Store, StoreError, TurnRecord, WriteBatch
+from store.base import (
+    ConversationRecord,
+    EventRecord,
+    Store,
+    StoreConflict,
+    StoreError,
+    TurnRecord,
+    WriteBatch,
+)
 from store.embedded import EmbeddedMongo, EmbeddedMongoError, free_port
 from store.memory import MemoryStore
 from store.mongo import INDEXES, PACK_BYTES, PACK_EVENTS, MongoStore, pack
@@ -363,7 +371,7 @@ async def test_rewriting_a_batch_stores_nothing_twice(store: Store) -> None:
     assert await store.list_runs(None, None, 10, None) == [run_doc("run_1", "c1")]
     assert await store.list_conversations(10, None) == [conv("c1", 2, 500), conv("c2", 1, 400)]
     assert await store.transcript("c1") == [turn("c1", "u1", 1)]
-    assert [await count(store, c) for c in INDEXES] in ([None] * 4, [3, 1, 2, 2])
+    assert [await count(store, c) for c in INDEXES] in ([None] * 5, [3, 1, 2, 2, 0])
 
 
 @pytest.mark.parametrize("written", ["prefix", "one conversation", "all events"])
@@ -441,6 +449,31 @@ async def test_an_offset_is_never_overwritten(store: Store) -> None:
     with pytest.raises(StoreError):
         await store.write(WriteBatch(events=[other, event("c1", 2)]))
     assert await store.read_events("c1", 0, 100) == [first.payload]
+
+
+async def test_a_conflict_is_a_store_conflict_naming_the_conversation(store: Store) -> None:
+    await store.write(WriteBatch(events=[event("c1", 1)]))
+    other = EventRecord("c1", 1, "x", 5, payload("c1", 1, other=True))
+    with pytest.raises(StoreConflict) as raised:
+        await store.write(WriteBatch(events=[other]))
+    assert raised.value.conversation_id == "c1"
+
+
+async def test_fences_refuse_a_writer_whose_epoch_is_stale(store: Store) -> None:
+    """Cluster mode (issue 12, item 2): each take-over claims a new epoch; a batch fenced
+    with an older one is refused whole, and a conversation no one claimed is open."""
+    assert await store.claim("c1") == 1
+    assert await store.claim("c1") == 2
+    assert await store.claim("c2") == 1
+    await store.write(WriteBatch(events=[event("c1", 1)], fences={"c1": 2}))
+    stale = WriteBatch(events=[event("c1", 2)], runs=[run_doc("run_9", "c1")], fences={"c1": 1})
+    with pytest.raises(StoreConflict) as raised:
+        await store.write(stale)
+    assert raised.value.conversation_id == "c1"
+    assert await store.read_events("c1", 0, 10) == [event("c1", 1).payload]
+    assert await store.get_run("run_9") is None  # nothing of the refused batch
+    await store.write(WriteBatch(events=[event("c3", 1)], fences={"c3": 7}))  # unclaimed
+    assert await store.last_offset("c3") == 1
 
 
 async def test_client_msg_id(store: Store) -> None:
