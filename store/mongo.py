@@ -250,6 +250,8 @@ class MongoStore:
                 upsert=True,
                 return_document=ReturnDocument.AFTER,
             )
+        if doc is None:  # an upsert returns the document it made
+            raise StoreError(f"mongodb claim: no fence document for {conversation_id}")
         return int(doc["epoch"])
 
     async def _check_fences(self, fences: dict[str, int]) -> None:
