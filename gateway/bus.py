@@ -19,6 +19,16 @@ class Subscriber(Protocol):
 
 
 class Bus(Protocol):
+    async def join(self, conversation_id: str) -> None:
+        """Before subscribing: make this node receive the conversation's events (a
+        cluster's channel, subscribed and caught up); `leave` undoes it."""
+
+    def leave(self, conversation_id: str) -> None: ...
+
+    def head(self, conversation_id: str) -> int | None:
+        """The last offset this node's subscribers were handed, where the bus knows it
+        (a joined cluster channel); None: ask the conversation's actor."""
+
     def subscribe(self, conversation_id: str, subscriber: Subscriber) -> None: ...
 
     def unsubscribe(self, conversation_id: str, subscriber: Subscriber) -> None: ...
@@ -34,6 +44,15 @@ class MemoryBus:
 
     def __init__(self) -> None:
         self._subs: dict[str, dict[Subscriber, None]] = {}
+
+    async def join(self, conversation_id: str) -> None:
+        return None  # one process: the actor publishes here
+
+    def leave(self, conversation_id: str) -> None:
+        return None
+
+    def head(self, conversation_id: str) -> int | None:
+        return None
 
     def subscribe(self, conversation_id: str, subscriber: Subscriber) -> None:
         subs = self._subs.setdefault(conversation_id, {})

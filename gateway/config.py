@@ -67,7 +67,17 @@ class Settings(BaseModel):
     run_deadline_s: float = Field(300.0, gt=0)
     run_idle_s: float = Field(60.0, gt=0)
     actor_idle_s: float = Field(30.0, gt=0, description="an idle conversation's actor stops")
-    node: str = Field("", description="this node's name on the runs it owns (default host:pid)")
+    node: str = Field(
+        "",
+        pattern=r"^[^\s]*$",
+        description="this node's name on the runs it owns (default host:pid); no spaces",
+    )
+    redis_url: str = Field(
+        "", description="cluster mode: the Redis that nodes share (redis://host:6379/0)"
+    )
+    lease_s: float = Field(
+        10.0, ge=1.0, description="cluster: a lost node's conversations are taken over within"
+    )
     web_dir: Path = _REPO_WEB
     log_level: str = "info"
 

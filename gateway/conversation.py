@@ -20,7 +20,7 @@ import socket
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -48,7 +48,7 @@ from gateway.protocol.codes import ErrorCode
 from gateway.protocol.frames import Ack, MessageFrame, RunError, RunSummary, UserMessage
 from gateway.runners.base import TranscriptMessage, context_messages
 from gateway.runners.registry import RunnerRegistry
-from store.base import ConversationRecord, Store, StoreError
+from store.base import ConversationRecord, Store, StoreConflict, StoreError
 from store.commit import GroupCommitter
 
 log = logging.getLogger("steerway.conversation")
@@ -74,9 +74,11 @@ class Cancel:
 
 @dataclass(slots=True)
 class Recover:
-    """The first input of an actor whose conversation a stopped gateway left live."""
+    """The first input of an actor whose conversation a stopped gateway left live;
+    `reason` ends what it was running (`gateway_restart`, or `node_lost` in a cluster)."""
 
     state: Recovered
+    reason: str = "gateway_restart"
 
 
 @dataclass(slots=True)
@@ -89,6 +91,51 @@ class Shutdown:
 
 
 Input = Submit | Cancel | Recover | Shutdown | DriverInput
+Reply = tuple[Input, Callable[[], None]]  # an input and what answers it once its batch is stored
+
+
+class ConversationRef(Protocol):
+    """What the edges hold of a conversation: its actor on this node, or (cluster mode) a
+    proxy that forwards to the node running it."""
+
+    conversation_id: str
+
+    @property
+    def stopped(self) -> bool: ...
+
+    @property
+    def published(self) -> int:
+        """The last offset stored and handed to the bus."""
+
+    @property
+    def queued_runs(self) -> int: ...
+
+    def summary(self) -> RunSummary | None: ...
+
+    async def describe(self) -> None:
+        """Bring `published`, `queued_runs` and `summary()` up to date (a proxy asks)."""
+
+    async def post(self, item: Submit | Cancel) -> None:
+        """Hand a message or cancel over; its `reply` is called with the outcome."""
+
+
+class Ownership(Protocol):
+    """Cluster mode: which node runs each conversation's actor (gateway/cluster)."""
+
+    node: str
+
+    def valid(self) -> bool:
+        """This node may write: its leases are live."""
+
+    async def acquire(self, conversation_id: str) -> str | None:
+        """Take the conversation's lease: None when this node holds it now, else the node
+        that does. Raises StoreUnavailable when the cluster cannot be asked."""
+
+    def release(self, conversation_id: str) -> None:
+        """Give up the lease of a conversation whose actor stopped (in the background)."""
+
+    def remote(self, conversation_id: str, holder: str) -> ConversationRef:
+        """A proxy for a conversation another node runs."""
 
 
 def _ack(event: UserMessage, duplicate: bool = False) -> Ack:
@@ -111,7 +158,9 @@ class _Lru(OrderedDict[str, Any]):
 
 
 class ConversationActor:
-    def __init__(self, hub: ConversationHub, record: ConversationRecord) -> None:
+    def __init__(
+        self, hub: ConversationHub, record: ConversationRecord, epoch: int | None = None
+    ) -> None:
         self.hub = hub
         self.conversation_id = record.conversation_id
         self.record = record
@@ -124,18 +173,40 @@ class ConversationActor:
             max_queued_runs=settings.max_queued_runs,
             max_steering=settings.max_steering,
         )
-        self.log = EventLog(record.conversation_id, record.head, hub.committer, hub.bus, hub.node)
+        self.log = EventLog(
+            record.conversation_id, record.head, hub.committer, hub.bus, hub.node, epoch
+        )
+        self.log.on_conflict = self._conflicted
         self.mailbox: asyncio.Queue[Input] = asyncio.Queue(MAILBOX_SIZE)
         self.drivers: dict[str, RunDriver] = {}
         self._acks: _Lru = _Lru()
         self._ended: _Lru = _Lru()
         self.stopped = False
+        self._waiting = False  # for the mailbox, between steps
         self.task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ edges
 
     async def post(self, item: Input) -> None:
         await self.mailbox.put(item)
+
+    @property
+    def published(self) -> int:
+        return self.log.published
+
+    @property
+    def queued_runs(self) -> int:
+        return len(self.machine.queue)
+
+    async def describe(self) -> None:
+        return None  # the actor's own state is always current
+
+    def _conflicted(self) -> None:
+        """The store refused a batch: another node runs this conversation now. Stop (at
+        once if waiting for input, else after the step under way: its inputs are
+        answered); nothing more of this actor is written or published."""
+        if self.task is not None and self._waiting:
+            self.task.cancel()
 
     def summary(self) -> RunSummary | None:
         run = self.machine.active
@@ -156,14 +227,17 @@ class ConversationActor:
 
     async def run(self) -> None:
         try:
-            while True:
+            while self.log.conflict is None:
                 try:
+                    self._waiting = True
                     async with asyncio.timeout(self.hub.settings.actor_idle_s):
                         first = await self.mailbox.get()
                 except TimeoutError:
                     if self._idle():
                         return
                     continue
+                finally:
+                    self._waiting = False
                 batch = [first]
                 while len(batch) < BATCH_INPUTS and not self.mailbox.empty():
                     batch.append(self.mailbox.get_nowait())
@@ -173,9 +247,12 @@ class ConversationActor:
             self.hub.forget(self)
             for driver in self.drivers.values():
                 driver.stop()
+            if self.log.conflict is not None:  # inputs no one will handle here: refused
+                while not self.mailbox.empty():
+                    _fail(self.mailbox.get_nowait(), self.log.conflict)
 
     async def _step(self, batch: list[Input]) -> None:
-        replies: list[Callable[[], None]] = []
+        replies: list[Reply] = []
         born: dict[int, float] = {}
         pending: dict[str, UserMessage] = {}
         for item in batch:
@@ -188,8 +265,20 @@ class ConversationActor:
                 log.exception("conversation %s: input %s failed", self.conversation_id, item)
                 _fail(item, exc)
         fx = self.machine.take_effects()
+        cluster = self.hub.cluster
+        if fx and cluster is not None and not cluster.valid():
+            # The lease may have lapsed (Redis unreachable): another node may run this
+            # conversation by now, so nothing more is written here; the actor stops.
+            lapsed = StoreConflict(self.conversation_id, "this node's lease lapsed")
+            self.log.conflict = lapsed
+            _refuse(replies, lapsed)
+            return
         if fx:
-            await self._append(fx, born)
+            try:
+                await self._append(fx, born)
+            except StoreConflict as exc:  # an earlier batch was refused: this one is not sent
+                _refuse(replies, exc)
+                return
         for key, event in pending.items():
             self._acks.remember(key, event)
         for run_id in fx.stop:
@@ -200,10 +289,10 @@ class ConversationActor:
         started = [run.run_id for run in fx.start if run is self.machine.active]
         # Acks only once the batch is stored (section 3); a new run's driver then too,
         # so the transcript it reads from the store holds its trigger messages.
-        self.log.then(lambda: self._stored(replies, started))
+        self.log.then(lambda: self._stored(replies, started), lambda exc: _refuse(replies, exc))
 
-    def _stored(self, replies: list[Callable[[], None]], started: list[str]) -> None:
-        for reply in replies:
+    def _stored(self, replies: list[Reply], started: list[str]) -> None:
+        for _, reply in replies:
             reply()
         for run_id in started:
             self._start_driver(run_id)
@@ -236,7 +325,7 @@ class ConversationActor:
     async def _handle(
         self,
         item: Input,
-        replies: list[Callable[[], None]],
+        replies: list[Reply],
         born: dict[int, float],
         pending: dict[str, UserMessage],
     ) -> None:
@@ -251,7 +340,7 @@ class ConversationActor:
             await self._submit(item, replies, pending, now)
         elif isinstance(item, SteeringPull):
             taken = machine.pull(item.run_id, item.mode, item.limit, now)
-            replies.append(_resolver(item.reply, taken))
+            replies.append((item, _resolver(item.reply, taken)))
         elif isinstance(item, Cancel):
             await self._cancel(item, replies, now)
         elif isinstance(item, RunTimeout):
@@ -261,16 +350,16 @@ class ConversationActor:
         elif isinstance(item, RunAssigned):
             machine.assigned(item.run_id, now)
         elif isinstance(item, Recover):
-            machine.restore(item.state, now)
+            machine.restore(item.state, now, item.reason)
         elif isinstance(item, Shutdown):
             if item.end:
                 machine.shutdown(now)
-            replies.append(lambda: _settle(item.reply, machine.active is not None))
+            replies.append((item, lambda: _settle(item.reply, machine.active is not None)))
 
     async def _submit(
         self,
         item: Submit,
-        replies: list[Callable[[], None]],
+        replies: list[Reply],
         pending: dict[str, UserMessage],
         now: int,
     ) -> None:
@@ -290,7 +379,7 @@ class ConversationActor:
                 first = UserMessage.model_validate(orjson.loads(payload))
         if first is not None:
             ack = first
-            replies.append(lambda: reply(_ack(ack, duplicate=True)))
+            replies.append((item, lambda: reply(_ack(ack, duplicate=True))))
             return
         routed = self.machine.message(item.frame, item.author, now)
         if isinstance(routed, Refusal):
@@ -298,12 +387,12 @@ class ConversationActor:
             return
         event = routed[0]
         pending[key] = event
-        replies.append(lambda: reply(_ack(event)))
+        replies.append((item, lambda: reply(_ack(event))))
 
-    async def _cancel(self, item: Cancel, replies: list[Callable[[], None]], now: int) -> None:
+    async def _cancel(self, item: Cancel, replies: list[Reply], now: int) -> None:
         reply = item.reply
         if self.machine.cancel(item.run_id, now):
-            replies.append(lambda: reply(None))
+            replies.append((item, lambda: reply(None)))
             return
         run_id = item.run_id
         if run_id is None:
@@ -377,6 +466,12 @@ def _settle(future: asyncio.Future[bool], value: bool) -> None:
         future.set_result(value)
 
 
+def _refuse(replies: list[Reply], exc: StoreConflict) -> None:
+    """The store refused the batch these inputs were in: each is told, nothing stored."""
+    for item, _ in replies:
+        _fail(item, exc)
+
+
 def _fail(item: Input, exc: Exception) -> None:
     error = (
         StoreUnavailable("the store is unavailable; nothing was stored")
@@ -412,9 +507,10 @@ class ConversationHub:
         self.metrics = metrics
         self.committer = GroupCommitter(store)
         self.node = settings.node or f"{socket.gethostname()}:{os.getpid()}"
+        self.cluster: Ownership | None = None  # set by gateway.cluster in cluster mode
         self.actors: dict[str, ConversationActor] = {}
         self.dashboard = DashboardFeed(self)
-        self._loading: dict[str, asyncio.Future[ConversationActor]] = {}
+        self._loading: dict[str, asyncio.Future[ConversationRef]] = {}
 
     def start(self) -> None:
         self.committer.start()
@@ -461,24 +557,37 @@ class ConversationHub:
                 await driver.wait()
         await self.committer.stop()
 
-    async def get(self, conversation_id: str) -> ConversationActor:
-        """The conversation's actor, started (and its state loaded) on first use."""
+    async def get(self, conversation_id: str) -> ConversationRef:
+        """The conversation's actor, started (and its state loaded) on first use; in a
+        cluster, a proxy when another node runs it."""
         actor = self.actors.get(conversation_id)
         if actor is not None and not actor.stopped:
             return actor
         loading = self._loading.get(conversation_id)
         if loading is not None:
             return await asyncio.shield(loading)
-        future: asyncio.Future[ConversationActor] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[ConversationRef] = asyncio.get_running_loop().create_future()
         self._loading[conversation_id] = future
         try:
+            cluster, epoch, reason = self.cluster, None, "gateway_restart"
+            if cluster is not None:
+                holder = await cluster.acquire(conversation_id)
+                if holder is not None:
+                    remote = cluster.remote(conversation_id, holder)
+                    future.set_result(remote)
+                    return remote
+                reason = "node_lost"
             try:
+                if cluster is not None:  # fence first: a writer before us is refused from now
+                    epoch = await self.store.claim(conversation_id)
                 record, recovered = await self._load(conversation_id)
             except StoreError as exc:
+                if cluster is not None:
+                    cluster.release(conversation_id)
                 raise StoreUnavailable(f"the store is unavailable: {exc}") from None
-            actor = ConversationActor(self, record)
+            actor = ConversationActor(self, record, epoch)
             if recovered:
-                actor.mailbox.put_nowait(Recover(recovered))
+                actor.mailbox.put_nowait(Recover(recovered, reason))
             self.actors[conversation_id] = actor
             actor.task = asyncio.create_task(actor.run(), name=f"conversation-{conversation_id}")
             future.set_result(actor)
@@ -533,12 +642,17 @@ class ConversationHub:
     def forget(self, actor: ConversationActor) -> None:
         if self.actors.get(actor.conversation_id) is actor:
             del self.actors[actor.conversation_id]
+            if self.cluster is not None and actor.log.conflict is None:
+                self.cluster.release(actor.conversation_id)
 
     def check_writable(self) -> None:
-        """Refuse new messages at once while store writes are failing: the actor is busy
-        retrying, and an ack could take as long as the outage."""
+        """Refuse new messages at once while store writes are failing (the actor is busy
+        retrying, and an ack could take as long as the outage), or while this cluster
+        node cannot renew its leases."""
         if not self.committer.healthy:
             raise StoreUnavailable("the store is unavailable; nothing was stored")
+        if self.cluster is not None and not self.cluster.valid():
+            raise StoreUnavailable("the cluster's Redis is unavailable; nothing was stored")
 
     async def submit(self, conversation_id: str, frame: MessageFrame, author: str) -> Ack:
         """Submit a message and wait for its ack (REST)."""

@@ -7,8 +7,12 @@ offset that the store does not (section 2, durability).  The actor does not
 wait for that: it goes on with its next inputs while up to PIPELINE_DEPTH
 batches are in flight, and each batch is published, and its callbacks run, in
 append order.  With many conversations an actor's batch then joins the next
-commit instead of the one after.  A store- or Redis-backed allocator for
-several nodes replaces `_number`; nothing else here changes.
+commit instead of the one after.
+
+In cluster mode each batch carries the writer's fencing epoch: once another node
+has taken the conversation over, the store refuses the batch (StoreConflict) and
+every later one of this log; none of them is published, their `failed` callbacks
+run instead, and `on_conflict` tells the actor to stop.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from gateway.bus import Bus
 from gateway.core.conversation import Effects
 from gateway.outbox import Frame
 from gateway.protocol.frames import MessageCompleted, MessageDelta, UserMessage, encode
-from store.base import ConversationRecord, EventRecord, TurnRecord, WriteBatch
+from store.base import ConversationRecord, EventRecord, StoreConflict, TurnRecord, WriteBatch
 from store.commit import GroupCommitter
 
 log = logging.getLogger("steerway.eventlog")
@@ -37,11 +41,18 @@ class _InFlight:
     head: int
     frames: list[Frame]
     then: list[Callable[[], None]] = field(default_factory=list)
+    failed: list[Callable[[StoreConflict], None]] = field(default_factory=list)
 
 
 class EventLog:
     def __init__(
-        self, conversation_id: str, head: int, committer: GroupCommitter, bus: Bus, node: str
+        self,
+        conversation_id: str,
+        head: int,
+        committer: GroupCommitter,
+        bus: Bus,
+        node: str,
+        epoch: int | None = None,
     ) -> None:
         self.conversation_id = conversation_id
         self._node = node
@@ -50,6 +61,9 @@ class EventLog:
         self._committer = committer
         self._bus = bus
         self._inflight: deque[_InFlight] = deque()
+        self.epoch = epoch  # the fencing epoch (cluster mode), None on a single node
+        self.conflict: StoreConflict | None = None  # set once the store refused a batch
+        self.on_conflict: Callable[[], None] | None = None
 
     def _number(self) -> int:
         self.head += 1
@@ -66,7 +80,10 @@ class EventLog:
         """Number and encode the effects' events and queue them, with the conversation's
         document when given, for the store; they are published once stored. `born` maps
         an event's index in `fx.events` to when the runner result behind it arrived.
-        Returns once the batch is queued, after waiting while PIPELINE_DEPTH are."""
+        Returns once the batch is queued, after waiting while PIPELINE_DEPTH are.
+        Raises the StoreConflict once the store has refused one of this log's batches."""
+        if self.conflict is not None:
+            raise self.conflict
         cid = self.conversation_id
         frames: list[Frame] = []
         records: list[EventRecord] = []
@@ -107,19 +124,29 @@ class EventLog:
                 )
                 for t in fx.turns
             ],
+            fences={} if self.epoch is None else {cid: self.epoch},
         )
         while len(self._inflight) >= PIPELINE_DEPTH:
             await asyncio.wait([self._inflight[0].stored])
-        stored = await self._committer.submit(batch)
+        stored = await self._committer.submit(batch, writer=self)
         self._inflight.append(_InFlight(stored, self.head, frames))
         stored.add_done_callback(self._stored)
         return frames
 
-    def then(self, callback: Callable[[], None]) -> None:
+    def then(
+        self,
+        callback: Callable[[], None],
+        failed: Callable[[StoreConflict], None] | None = None,
+    ) -> None:
         """Run `callback` once every batch appended so far is stored and published
-        (at once when none is in flight)."""
+        (at once when none is in flight), or `failed` if the store refused one."""
         if self._inflight:
             self._inflight[-1].then.append(callback)
+            if failed is not None:
+                self._inflight[-1].failed.append(failed)
+        elif self.conflict is not None:
+            if failed is not None:
+                failed(self.conflict)
         else:
             callback()
 
@@ -134,6 +161,10 @@ class EventLog:
             batch = self._inflight.popleft()
             if batch.stored.cancelled():  # the committer stopped: nothing more is published
                 continue
+            exc = batch.stored.exception()
+            if exc is not None or self.conflict is not None:
+                self._refused(batch, exc)
+                continue
             self.published = batch.head
             if batch.frames:
                 self._bus.publish(self.conversation_id, batch.frames)
@@ -142,3 +173,24 @@ class EventLog:
                     callback()
                 except Exception:  # one failing reply must not hold back the others
                     log.exception("%s: a callback after a commit failed", self.conversation_id)
+
+    def _refused(self, batch: _InFlight, exc: BaseException | None) -> None:
+        """The store refused this batch (or an earlier one of this log): nothing of it
+        is published; whoever waited for it is told."""
+        first = self.conflict is None
+        if first:
+            self.conflict = (
+                exc
+                if isinstance(exc, StoreConflict)
+                else StoreConflict(self.conversation_id, f"store write failed: {exc}")
+            )
+            log.error("%s: this node no longer writes it: %s", self.conversation_id, exc)
+        conflict = self.conflict
+        assert conflict is not None
+        for failed in batch.failed:
+            try:
+                failed(conflict)
+            except Exception:
+                log.exception("%s: a callback after a refused commit failed", self.conversation_id)
+        if first and self.on_conflict is not None:
+            self.on_conflict()

@@ -22,7 +22,7 @@ import orjson
 
 from gateway import auth
 from gateway.auth import Refused
-from gateway.conversation import Cancel, ConversationActor, ConversationHub, Submit
+from gateway.conversation import Cancel, ConversationHub, ConversationRef, Submit
 from gateway.core.limits import ConnectionSlots, TokenBucket
 from gateway.errors import FrameError, SteerwayError
 from gateway.outbox import Frame, Outbox
@@ -140,7 +140,7 @@ class Session:
     def __init__(
         self,
         hub: ConversationHub,
-        actor: ConversationActor,
+        actor: ConversationRef,
         send: Any,
         receive: Any,
         after: int | None,
@@ -171,18 +171,26 @@ class Session:
         hub, metrics = self.hub, self.hub.metrics
         await self.send({"type": "websocket.accept"})
         actor = await hub.get(self.cid)
+        await hub.bus.join(self.cid)  # a cluster's channel: live, and its head known
+        try:
+            await actor.describe()
+        except BaseException:
+            hub.bus.leave(self.cid)
+            raise
         # No await from here to the end of the block: every event after `head` reaches the
         # outbox through the bus, every event up to `head` is in the store (section 2).
         hub.bus.subscribe(self.cid, self.outbox)
         hub.dashboard.clients_changed(self.cid)
-        head = actor.log.published
+        head = hub.bus.head(self.cid)
+        if head is None:
+            head = actor.published
         self.outbox.floor = max(head, self.after or 0)
         ready = Ready(
             conversation_id=self.cid,
             session_id=self.session_id,
             head=head,
             active_run=actor.summary(),
-            queued_runs=len(actor.machine.queue),
+            queued_runs=actor.queued_runs,
         )
         metrics.connections.labels("conversation").inc()
         await self.send({"type": "websocket.send", "text": encode(ready).decode()})
@@ -191,6 +199,7 @@ class Session:
             await self._read()
         finally:
             hub.bus.unsubscribe(self.cid, self.outbox)
+            hub.bus.leave(self.cid)
             hub.dashboard.clients_changed(self.cid)
             metrics.connections.labels("conversation").dec()
             self.outbox.close()

@@ -199,23 +199,25 @@ class ConversationMachine:
             self._start(run, now)
         return event, route
 
-    def restore(self, state: Recovered, now: int) -> None:
+    def restore(self, state: Recovered, now: int, reason: str = "gateway_restart") -> None:
         """Take over what a stopped gateway left (gateway.core.recovery): end the runs it
-        was running `failed`/`gateway_restart`, then carry on as section 5.4 says."""
+        was running `failed` with `reason` (`gateway_restart`; `node_lost` when another
+        node of a cluster takes over), then carry on as section 5.4 says."""
         if state.runner is not None and self.runner is None:
             self.runner = state.runner
         for run in state.settled:
             self._changed(run)
         self.queue.extend(state.queue)
-        error = RunError(
-            code="gateway_restart",
-            message="the gateway restarted while the run was active",
-            retryable=True,
+        message = (
+            "the gateway node running it was lost"
+            if reason == "node_lost"
+            else "the gateway restarted while the run was active"
         )
+        error = RunError(code=reason, message=message, retryable=True)
         carry: list[UserText] = []
         for run in state.interrupted:
             self.active = run
-            carry += self._end(run, RunStatus.FAILED, "gateway_restart", now, error, False)
+            carry += self._end(run, RunStatus.FAILED, reason, now, error, False)
         self._start_next(carry + state.leftover, now)
 
     def cancel(self, run_id: str | None, now: int) -> bool:

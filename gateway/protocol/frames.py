@@ -349,6 +349,17 @@ class CoalescedDelta(MessageDelta):
     first_offset: int
 
 
+_DELTA_PREFIX = '{"type":"message.delta",'
+
+
+def delta_of(text: str) -> MessageDelta | None:
+    """The delta of a stored or relayed event's text, for merging (section 6); None for
+    any other event. `encode` puts `type` first, so other events are not parsed."""
+    if not text.startswith(_DELTA_PREFIX):
+        return None
+    return MessageDelta.model_validate_json(text)
+
+
 def coalesce(first: MessageDelta, parts: list[MessageDelta]) -> CoalescedDelta:
     """Merge `parts` (ascending, one message_id): the last one's offset and ts, the first's
     offset as `first_offset` (or `first.first_offset` when it is already merged)."""
@@ -629,3 +640,38 @@ def _model_default(value: object) -> object:
     if isinstance(value, BaseModel):
         return value.model_dump(mode="json")
     raise TypeError
+
+
+# --------------------------------------------------------------------------- node to node (cluster)
+
+
+class NodeRequest(Strict):
+    """A message, cancel or question forwarded to the node that runs a conversation."""
+
+    kind: Literal["submit", "cancel", "describe"]
+    id: int
+    reply_to: str  # the asking node
+    conversation_id: str
+    frame: MessageFrame | None = None  # submit
+    author: str = "anonymous"
+    run_id: str | None = None  # cancel
+
+
+class NodeReply(Strict):
+    kind: Literal["reply"] = "reply"
+    id: int
+    moved: bool = False  # the node no longer runs the conversation: ask again
+    ack: Ack | None = None
+    error: ErrorFrame | None = None
+    published: int = 0  # describe
+    active_run: RunSummary | None = None
+    queued_runs: int = 0
+
+
+NodeFrame = Annotated[NodeRequest | NodeReply, Field(discriminator="kind")]
+_node_frame: TypeAdapter[NodeRequest | NodeReply] = TypeAdapter(NodeFrame)
+
+
+def parse_node_frame(raw: bytes, limits: FrameLimits) -> NodeRequest | NodeReply:
+    """A frame from another node; its message is validated under this node's limits."""
+    return _node_frame.validate_json(raw, context=limits)
