@@ -25,7 +25,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from gateway.cluster.forwarding import Forwarder, RemoteConversation
-from gateway.cluster.leases import Leases
+from gateway.cluster.leases import Leases, holder_node
 from gateway.cluster.redisbus import RedisBus
 from gateway.conversation import ConversationHub, ConversationRef
 from gateway.errors import SteerwayError, StoreUnavailable
@@ -88,7 +88,7 @@ class ClusterNode:
             if not free:
                 value = await self.redis.get(Leases.key(conversation_id))
                 if value is not None:
-                    node = value.decode().split(" ", 1)[0]
+                    node = holder_node(value.decode() if isinstance(value, bytes) else value)
                     return None if node == self.node else node
         return None
 
