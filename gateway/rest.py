@@ -13,8 +13,8 @@ from starlette.routing import Route
 
 from gateway import auth
 from gateway.auth import Principal
-from gateway.conversation import ConversationHub
 from gateway.config import Settings
+from gateway.conversation import ConversationHub
 from gateway.core.runs import RunStatus
 from gateway.errors import FrameError, SteerwayError
 from gateway.protocol.codes import ErrorCode
@@ -201,7 +201,7 @@ class Api:
         return json({"turns": [t.document() for t in turns], "next_before": nxt})
 
     async def conversations(self, request: Request, who: Principal) -> Response:
-        auth.for_admin(who)  # a listing across conversations
+        only = auth.listed_conversations(who)
         limit = _int(request, "limit", LISTING_DEFAULT, LISTING_MAX)
         raw = request.query_params.get("before")
         before = None
@@ -215,7 +215,7 @@ class Api:
             ):
                 raise _bad("`before` is not a cursor this server gave")
             before = (value[0], value[1])
-        items = await self.store.list_conversations(limit + 1, before)
+        items = await self.store.list_conversations(limit + 1, before, only)
         more = len(items) > limit
         items = items[:limit]
         nxt = _cursor([items[-1].last_activity, items[-1].conversation_id]) if more else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from store.base import ConversationRecord, StoreError, TurnRecord, WriteBatch
+from store.base import ConversationFilter, ConversationRecord, StoreError, TurnRecord, WriteBatch
 
 
 class MemoryStore:
@@ -97,11 +97,15 @@ class MemoryStore:
         return turns
 
     async def list_conversations(
-        self, limit: int, before: tuple[int, str] | None
+        self, limit: int, before: tuple[int, str] | None, only: ConversationFilter | None = None
     ) -> list[ConversationRecord]:
         self._check()
         items = sorted(
-            self._conversations.values(),
+            (
+                c
+                for c in self._conversations.values()
+                if only is None or only.matches(c.conversation_id)
+            ),
             key=lambda c: (c.last_activity, c.conversation_id),
             reverse=True,
         )
