@@ -96,7 +96,6 @@ async def test_the_largest_legal_message_is_taken() -> None:
         assert keys == ["two", "four"]  # nothing else was stored
 
 
-
 async def test_post_message_routes_like_the_websocket() -> None:
     fed = Fed()
     async with (
