@@ -150,7 +150,7 @@ def test_queue_and_interrupt(serve, page: Page) -> None:
     expect(chat.status).to_have_text("Running · gated")
     chat.send("two", mode="Queue")
     queued = chat.user("two")
-    expect(queued).to_contain_text("Queued: runs after the current run")
+    expect(queued).to_contain_text("Queued · position 1 · runs next")
     expect(chat.status).to_have_text("Running · gated · 1 queued")
 
     chat.send("three", mode="Interrupt")
@@ -162,6 +162,41 @@ def test_queue_and_interrupt(serve, page: Page) -> None:
     expect(chat.assistant()).to_have_text("start two")  # the queued run, after it
     expect(queued).not_to_contain_text("Queued")
     (run_id,) = live.running("modes")
+    live.call(gated.release, run_id)
+    expect(chat.status).to_have_text("Completed")
+
+
+def test_queued_positions_follow_the_queue(serve, page: Page) -> None:
+    """Issue 11, item 6: each queued message shows its run's place in line, and it moves
+    up when the run ahead starts (queue.updated), live and after a reload."""
+    gated = Gated()
+    live = serve(runners=[gated], runner="gated")
+    chat = Chat(page, live).open("line")
+    chat.send("one")
+    expect(chat.status).to_have_text("Running · gated")
+    chat.send("two", mode="Queue")
+    chat.send("three", mode="Queue")
+    two, three = chat.user("two"), chat.user("three")
+    expect(two.locator("[data-queue-position]")).to_have_attribute("data-queue-position", "1")
+    expect(two).to_contain_text("Queued · position 1 · runs next")
+    expect(three.locator("[data-queue-position]")).to_have_attribute("data-queue-position", "2")
+    expect(three).to_contain_text("Queued · position 2 · runs after 1 more queued")
+    expect(chat.status).to_have_text("Running · gated · 2 queued")
+
+    (run_id,) = live.running("line")
+    live.call(gated.release, run_id)  # "one" ends, "two" starts: "three" is next now
+    expect(chat.assistant()).to_have_text("start two")
+    expect(two).not_to_contain_text("Queued")
+    expect(three).to_contain_text("Queued · position 1 · runs next")
+    expect(three.locator("[data-queue-position]")).to_have_attribute("data-queue-position", "1")
+    expect(chat.status).to_have_text("Running · gated · 1 queued")
+    page.reload()  # replayed from offset 0: the same place in line
+    expect(chat.user("three")).to_contain_text("Queued · position 1 · runs next")
+
+    (run_id,) = live.running("line")
+    live.call(gated.release, run_id)
+    expect(chat.assistant()).to_have_text("start three")
+    (run_id,) = live.running("line")
     live.call(gated.release, run_id)
     expect(chat.status).to_have_text("Completed")
 

@@ -132,6 +132,26 @@ def test_open_a_run_to_see_its_events_live(serve, page: Page) -> None:
     expect(detail).to_be_hidden()
 
 
+def test_a_queued_run_shows_when_it_moves_up(serve, page: Page) -> None:
+    """Issue 11, item 6: `queue.updated` has no run_id; a run's events list it for the
+    runs it moves."""
+    gated = Gated()
+    live = serve(runners=[gated], runner="gated")
+    open_dashboard(page, live)
+    first = post(live, "line", client_msg_id="m1", text="first")["run_id"]
+    post(live, "line", client_msg_id="m2", text="second", mode="queue")
+    third = post(live, "line", client_msg_id="m3", text="third", mode="queue")["run_id"]
+    row(page, third).get_by_role("button", name=f"Open run {third}").click()
+    detail = page.get_by_role("dialog", name=f"Run {third}")
+    events = detail.locator("#detail-events li")
+    expect(events.locator(".type")).to_have_text(["user.message", "run.queued"])
+    live.call(gated.release, first)
+    expect(events.locator(".type")).to_have_text(["user.message", "run.queued", "queue.updated"])
+    expect(events.last).to_contain_text("now position 1 of 1 queued")
+    page.keyboard.press("Escape")
+    expect(detail).to_be_hidden()
+
+
 def test_a_dropped_dashboard_reconnects_to_a_fresh_snapshot(serve, page: Page) -> None:
     live = serve()
     routes: list[WebSocketRoute] = []

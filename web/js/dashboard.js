@@ -295,12 +295,12 @@ async function loadEvents() {
       if (state.detail !== detail) return;
       for (const e of data.events) {
         detail.after = e.offset;
-        if (e.run_id !== detail.runId || detail.count >= MAX_DETAIL_EVENTS) continue;
+        if (!concerns(e, detail.runId) || detail.count >= MAX_DETAIL_EVENTS) continue;
         detail.count += 1;
         ui.detailEvents.append(h("li", { dataset: { type: e.type } },
           h("span", { class: "offset mono" }, `#${e.offset}`), " ",
           h("span", { class: "type" }, e.type), " ",
-          h("span", { class: "summary" }, summary(e))));
+          h("span", { class: "summary" }, summary(e, detail.runId))));
       }
       ui.detailCount.textContent = `(${detail.count})`;
       if (data.events.length < EVENT_PAGE) break;
@@ -316,8 +316,18 @@ async function loadEvents() {
   }
 }
 
-function summary(e) {
+/** An event of this run, or a queue.updated that moved it (it has no run_id). */
+function concerns(e, runId) {
+  if (e.type === "queue.updated") return (e.runs || []).some((r) => r.run_id === runId);
+  return e.run_id === runId;
+}
+
+function summary(e, runId) {
   switch (e.type) {
+    case "queue.updated": {
+      const mine = (e.runs || []).find((r) => r.run_id === runId);
+      return mine ? `now position ${mine.position} of ${e.runs.length} queued` : `${e.runs.length} queued`;
+    }
     case "user.message": return `${e.route}: ${clip(e.text)}`;
     case "message.delta": return JSON.stringify(e.delta);
     case "message.completed": return clip(e.message.content);

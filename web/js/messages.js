@@ -101,7 +101,7 @@ export class MessageList {
     if (item.steering === "followup") return [badge("Steering · became a follow-up run", "ok")];
     if (item.steering === "dropped") return [badge(`Steering · dropped: ${item.dropReason}`, "error")];
     const run = item.runId && timeline.runs.get(item.runId);
-    if (item.route === "queue" && run && run.status === "queued") return [badge(ROUTE_LABELS.queue, "waiting")];
+    if (item.route === "queue" && run && run.status === "queued") return [queuedBadge(run.position)];
     if (item.route === "interrupt") return [badge(ROUTE_LABELS.interrupt, "muted")];
     return [];
   }
@@ -120,6 +120,15 @@ export class MessageList {
     if (item.done) io[item.error !== undefined && item.error !== null ? "error" : "result"] = item.error ?? item.result;
     node.querySelector(".tool-io").textContent = JSON.stringify(io, null, 2);
   }
+}
+
+/** A queued message's place in line: from run.queued, kept current by queue.updated. */
+function queuedBadge(position) {
+  if (typeof position !== "number") return badge(ROUTE_LABELS.queue, "waiting");
+  const when = position === 1 ? "runs next" : `runs after ${position - 1} more queued`;
+  const node = badge(`Queued · position ${position} · ${when}`, "waiting");
+  node.dataset.queuePosition = String(position);
+  return node;
 }
 
 function badge(text, tone) {

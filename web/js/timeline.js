@@ -185,6 +185,19 @@ const HANDLERS = {
   "run.queued"(e) {
     this.run(e.run_id, { status: "queued", runner: e.runner, position: e.position });
   },
+  "queue.updated"(e) {
+    // Every run still queued, in order: the positions replace what run.queued said.
+    const moved = new Set();
+    for (const { run_id: runId, position } of e.runs || []) {
+      const run = this.runs.get(runId);
+      if (run) run.position = position; // not re-inserted: it did not become the latest run
+      else this.run(runId, { status: "queued", position });
+      moved.add(runId);
+    }
+    for (const item of this.items) {
+      if (item.kind === "user" && moved.has(item.runId)) this.changed.add(item);
+    }
+  },
   "run.started"(e) {
     this.run(e.run_id, { status: "running", runner: e.runner });
     this.activeRunId = e.run_id;
