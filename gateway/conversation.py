@@ -455,8 +455,10 @@ class ConversationHub:
                 wait.cancel()
         drivers = self._drivers()
         await self._ask_actors(end=True)
-        left_running = set(self._drivers())
-        await asyncio.gather(*(d.wait() for d in drivers if d not in left_running))
+        # the runners of the runs just ended are stopped, each remote one sent `run.cancel`,
+        # before a runner socket closes behind it
+        kept = set(self._drivers())
+        await asyncio.gather(*(d.wait() for d in drivers if d not in kept))
 
     def _drivers(self) -> list[RunDriver]:
         return [d for a in list(self.actors.values()) for d in a.drivers.values()]
