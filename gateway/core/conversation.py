@@ -240,9 +240,16 @@ class ConversationMachine:
         the active run ends `failed`/`shutdown` (retryable). Steering it leaves over
         becomes its follow-up run (5.4), which cannot run here either and ends the same
         way, so that no message is left without an outcome; queued runs stay queued for
-        the next gateway on the store."""
+        the next gateway on the store, and so does an active run that no remote runner
+        took (it never started: its `user.message` makes it a queued run to recovery).
+        A follow-up has no message of its own to be recovered from: it ends."""
         run = self.active
         if run is None:
+            return
+        if run.status is RunStatus.QUEUED and run.kind is not RunKind.FOLLOW_UP:
+            self.active = None
+            self.queue.appendleft(run)
+            self.fx.stop.append(run.run_id)  # its driver, waiting for a runner
             return
         error = RunError(
             code="shutdown", message="the gateway shut down before the run ended", retryable=True

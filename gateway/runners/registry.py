@@ -35,6 +35,8 @@ class RemoteRunners(Protocol):
 
     def spec(self, name: str) -> RunnerSpec | None: ...
 
+    def stop_placing(self) -> None: ...
+
 
 class RunnerRegistry:
     def __init__(self, runners: list[Runner] | None = None) -> None:
