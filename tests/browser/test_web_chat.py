@@ -4,8 +4,10 @@ never runs HTML, Enter and Shift+Enter, and steering a run while it writes: stee
 
 from __future__ import annotations
 
+import json
 import re
 
+import httpx
 import pytest
 from playwright.sync_api import Page, expect
 
@@ -80,6 +82,36 @@ def test_conversation_list_and_new_conversation(serve, page: Page) -> None:
     earlier.click()
     expect(chat.assistant()).to_have_text("echo: remember me")
     expect(page.get_by_role("heading", level=1)).to_have_text("remember me")
+
+
+def test_titles_show_the_text_a_person_reads(serve, page: Page) -> None:
+    """Issue 11, item 5: no Markdown marks in the chat's header or the list."""
+    live = serve()
+    response = httpx.post(
+        f"{live.url}/api/conversations/legacy/messages",
+        json={"client_msg_id": "l1", "text": "an older conversation"},
+        timeout=10,
+    )
+    assert response.status_code == 200, response.text
+    chat = Chat(page, live).open("titled")
+    chat.send("Tell me about **steering**")
+    expect(chat.assistant()).to_have_text("echo: Tell me about steering")
+    heading = page.get_by_role("heading", level=1)
+    nav = page.get_by_role("navigation", name="Conversations")
+    current = nav.locator('[aria-current="page"] .conversation-title')
+    expect(heading).to_have_text("Tell me about steering")
+    expect(page).to_have_title("Tell me about steering · Steerway")
+    expect(current).to_have_text("Tell me about steering")
+
+    # A title kept by an earlier version is its raw first line: shown the same way.
+    titles = json.loads(page.evaluate("localStorage.getItem('steerway.titles')"))
+    titles["legacy"] = "Ask `about` **[old](https://e.org)** things"
+    page.evaluate("(t) => localStorage.setItem('steerway.titles', t)", json.dumps(titles))
+    page.reload()
+    expect(heading).to_have_text("Tell me about steering")  # from the replayed events
+    expect(current).to_have_text("Tell me about steering")
+    legacy = nav.locator('a[data-cid="legacy"] .conversation-title')
+    expect(legacy).to_have_text("Ask about old things")
 
 
 def test_steering_waits_then_is_absorbed(serve, page: Page) -> None:

@@ -16,6 +16,12 @@ const DROP_REASONS = {
   run_ended: "the run ended before the agent read it",
 };
 
+/** What a conversation's title is made of: the start of its first message, as
+ * Markdown (chat.js shows it through `plainTitle`); cut to keep localStorage small. */
+export function titleSource(text) {
+  return text.trim().slice(0, 500);
+}
+
 export class Timeline {
   constructor(conversationId) {
     this.conversationId = conversationId;
@@ -33,7 +39,7 @@ export class Timeline {
     this.outgoing = new Map(); // client_msg_id -> frame: sent or to send, not yet answered
     this.changed = new Set();
     this.cleared = true;
-    this.title = null;
+    this.title = null; // the titleSource of the first user message
   }
 
   // ------------------------------------------------------------------ sending
@@ -180,7 +186,7 @@ const HANDLERS = {
       steering: e.route === "steer" ? item.steering || "waiting" : null,
     });
     this.byMessage.set(e.message_id, item);
-    if (!this.title) this.title = e.text.trim().split("\n")[0].slice(0, 80);
+    if (!this.title) this.title = titleSource(e.text);
   },
   "run.queued"(e) {
     this.run(e.run_id, { status: "queued", runner: e.runner, position: e.position });
