@@ -1,4 +1,4 @@
-"""Runners by name: built in (`echo`, `openai`), `steerway.runners` entry points,
+"""Runners by name: built in (`echo`, `openai`, `agui`), `steerway.runners` entry points,
 `module:attr`, and the names remote runners serve (gateway.runners.remote).
 
 A name an in-process runner has is always served in-process; any other name a
@@ -25,6 +25,7 @@ ENTRY_POINT_GROUP = "steerway.runners"
 BUILTIN = {
     "echo": "gateway.runners.echo:EchoRunner",
     "openai": "gateway.runners.openai:OpenAIRunner",
+    "agui": "gateway.agui.runner:AguiRunner",
 }
 
 

@@ -252,3 +252,36 @@ def test_screenshot_of_the_chat_mid_steer(serve, page: Page) -> None:
     expect(chat.status).to_have_text(re.compile("^Running"))
     screenshot(page, "chat-steering.png")
     expect(chat.status).to_have_text("Completed")
+
+
+def test_tool_calls_and_the_latest_state_show_folded(serve, page: Page) -> None:
+    """Issue 14, item 4: a run's tool calls (name, arguments, result; folded) and its
+    latest state, in the chat."""
+    fed = Fed()
+    live = serve(runners=[fed], runner="fed")
+    chat = Chat(page, live).open("tools")
+    chat.send("use a tool")
+    started = {"tool_call_id": "c1", "name": "add", "arguments": {"a": 1, "b": 2}}
+    live.call(
+        fed.put,
+        {"type": "tool.call.started", "data": started},
+        {"type": "state.updated", "data": {"scope": "runner", "key": "state", "value": {"n": 1}}},
+    )
+    tool = page.locator("details.tool")
+    expect(tool.locator("summary")).to_have_text("Tool add: running…")
+    expect(tool).not_to_have_attribute("open", re.compile(".*"))  # folded by default
+    live.call(
+        fed.put,
+        {"type": "tool.call.completed", "data": {"tool_call_id": "c1", "name": "add", "result": 3}},
+        {"type": "state.updated", "data": {"scope": "runner", "key": "state", "value": {"n": 2}}},
+        completed("done"),
+        run_completed(),
+    )
+    expect(tool.locator("summary")).to_have_text("Tool add: done")
+    tool.locator("summary").click()
+    expect(tool.locator(".tool-io")).to_contain_text('"result": 3')
+    expect(tool.locator(".tool-io")).to_contain_text('"a": 1')
+    state = page.locator("details.state")
+    expect(state).to_have_count(1)  # one item per key, updated in place
+    expect(state.locator("summary")).to_have_text("State runner.state")
+    expect(state.locator(".tool-io")).to_have_text('{\n  "n": 2\n}')

@@ -303,8 +303,10 @@ function summary(e, runId) {
     case "run.ended": return e.error ? `${e.status} (${e.reason}): ${e.error.message}` : `${e.status} (${e.reason})`;
     case "steering.absorbed": return `${e.message_ids.length} message(s)`;
     case "steering.dropped": return `${e.message_ids.length} message(s), ${e.reason}`;
-    case "tool.call.started": case "tool.call.completed": return e.name;
-    case "state.updated": return `${e.scope}.${e.key}`;
+    case "tool.call.started": return `${e.name}(${clip(JSON.stringify(e.arguments ?? null))})`;
+    case "tool.call.completed":
+      return "error" in e ? `${e.name} failed: ${clip(JSON.stringify(e.error))}` : `${e.name} → ${clip(JSON.stringify(e.result ?? null))}`;
+    case "state.updated": return `${e.scope}.${e.key} = ${clip(JSON.stringify(e.value))}`;
     default: return "";
   }
 }

@@ -7,6 +7,7 @@
 //              event; `steering` is waiting | absorbed | followup | dropped
 //   assistant  streamed text of one assistant message (`done` once completed)
 //   tool       a tool call
+//   state      one state key (`scope.key`): its latest value, updated in place
 //   notice     how a run ended when it did not complete (failed, stopped, timed out)
 
 import { plain } from "./page.js";
@@ -230,6 +231,11 @@ const HANDLERS = {
     const key = `t:${e.run_id}:${e.tool_call_id}`;
     const item = this.byKey.get(key) || this.add({ kind: "tool", key, runId: e.run_id, name: e.name });
     this.set(item, { done: true, result: e.result, error: e.error });
+  },
+  "state.updated"(e) {
+    const key = `s:${e.scope}.${e.key}`;
+    const item = this.byKey.get(key) || this.add({ kind: "state", key, name: `${e.scope}.${e.key}` });
+    this.set(item, { value: e.value, runId: e.run_id });
   },
   "steering.absorbed"(e) {
     this.steering(e.message_ids, { steering: "absorbed" });
