@@ -54,7 +54,14 @@ $(CHROMIUM):
 	DEBIAN_FRONTEND=noninteractive apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 
-pytest: $(VENV)/.installed-test $(MONGOECO_VENV)/.installed $(CHROMIUM)
+# The official AG-UI client (npm), run by Node.js in tests/test_agui_client.py.
+AGUI_CLIENT := tests/agui_client
+
+$(AGUI_CLIENT)/node_modules/.installed: $(AGUI_CLIENT)/package.json
+	cd $(AGUI_CLIENT) && npm install --no-audit --no-fund --loglevel=error
+	touch $@
+
+pytest: $(VENV)/.installed-test $(MONGOECO_VENV)/.installed $(CHROMIUM) $(AGUI_CLIENT)/node_modules/.installed
 	$(BIN)/python -m pytest -W error
 
 test: lint typecheck pytest
@@ -72,4 +79,4 @@ soak: $(VENV)/.installed-bench
 	$(BIN)/python bench/soak.py
 
 clean:
-	rm -rf $(VENV) $(MONGOECO_VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) $(MONGOECO_VENV) $(AGUI_CLIENT)/node_modules .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -13,6 +13,7 @@ from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
 from gateway import auth
+from gateway.agui.endpoint import AguiEndpoint
 from gateway.auth import Refused
 from gateway.bus import Bus, MemoryBus
 from gateway.config import Settings
@@ -96,6 +97,7 @@ def create_app(
         Route("/readyz", readyz),
         Route("/metrics", metrics_endpoint),
         *api.routes(),
+        Route("/api/agui", AguiEndpoint(hub, connections).handle, methods=["POST"]),
         Route(
             "/api/{rest:path}",
             api.wrap(not_found),

@@ -12,8 +12,10 @@ accepts a request, before anything is served:
 - one check per kind of endpoint, each refusing with close 4003 / HTTP 403:
   `for_conversation` (a user token whose `convs` cover the id, or admin),
   `for_user` (any user or admin token: REST), `for_admin` (the dashboard,
-  listings across conversations, `/metrics`), `for_runner` (`/ws/runners`) and
-  `for_announce` (a runner name the runner token carries).
+  run listings across conversations, `/metrics`), `for_runner` (`/ws/runners`) and
+  `for_announce` (a runner name the runner token carries); and
+  `listed_conversations`, what the conversation listing shows (all to an admin, a
+  user's own `convs`).
 
 WebSocket endpoints combine them with `admit(scope, settings, check)` and answer a
 `Refused` with `refuse(send, refused)`: the socket is accepted, then closed with
@@ -40,6 +42,7 @@ from gateway.config import Settings
 from gateway.core.limits import ConnectionSlots
 from gateway.errors import SteerwayError
 from gateway.protocol.codes import CloseCode, ErrorCode
+from store.base import ConversationFilter
 
 Role = Literal["user", "admin", "runner"]
 ROLES: tuple[Role, ...] = ("user", "admin", "runner")
@@ -184,6 +187,13 @@ def for_conversation(who: Principal, conversation_id: str) -> None:
     for_user(who)
     if who.role == "user" and not matches(who.convs, conversation_id):
         raise forbidden("the token does not cover this conversation")
+
+
+def listed_conversations(who: Principal) -> ConversationFilter | None:
+    """What a listing of conversations shows this principal: every one (None) to an admin,
+    to a user those its `convs` cover (none when it has no `convs`)."""
+    for_user(who)
+    return None if who.role == "admin" else ConversationFilter.of(who.convs)
 
 
 def for_admin(who: Principal) -> None:

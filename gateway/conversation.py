@@ -24,13 +24,13 @@ from typing import Any, Protocol
 
 import orjson
 
-from gateway.bus import Bus
+from gateway.bus import Bus, Subscriber
 from gateway.config import Settings
 from gateway.core.conversation import ConversationMachine, Effects
 from gateway.core.ids import now_ms
 from gateway.core.recovery import Recovered, rebuild
 from gateway.core.routing import Refusal
-from gateway.core.runs import UserText
+from gateway.core.runs import RunStatus, UserText
 from gateway.dashboard import DashboardFeed
 from gateway.errors import RoutingError, SteerwayError, StoreUnavailable
 from gateway.eventlog import EventLog
@@ -83,8 +83,9 @@ class Recover:
 
 @dataclass(slots=True)
 class Shutdown:
-    """From `ConversationHub.shutdown`: with `end`, the active run ends `failed`/`shutdown`;
-    `reply` says, once the inputs before it are handled, whether a run is active."""
+    """From `ConversationHub.end_runs`: with `end`, the active run ends `failed`/`shutdown`
+    (ConversationMachine.shutdown); `reply` says, once the inputs before it are handled,
+    whether a run is running (not one waiting for a remote runner: none is placed now)."""
 
     end: bool
     reply: asyncio.Future[bool]
@@ -354,7 +355,8 @@ class ConversationActor:
         elif isinstance(item, Shutdown):
             if item.end:
                 machine.shutdown(now)
-            replies.append((item, lambda: _settle(item.reply, machine.active is not None)))
+            running = machine.active is not None and machine.active.status is RunStatus.RUNNING
+            replies.append((item, lambda: _settle(item.reply, running)))
 
     async def _submit(
         self,
@@ -511,19 +513,35 @@ class ConversationHub:
         self.actors: dict[str, ConversationActor] = {}
         self.dashboard = DashboardFeed(self)
         self._loading: dict[str, asyncio.Future[ConversationRef]] = {}
+        self._ending: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self.committer.start()
 
     async def shutdown(self, grace_s: float) -> None:
-        """The gateway stops (SIGTERM; its sockets are already closed): active runs may go
-        on for `grace_s` seconds, queued runs and follow-ups starting as usual meanwhile;
-        then every run still active ends `failed`/`shutdown`, queued runs are left for
-        the next gateway, and every pending write is flushed."""
+        """The gateway stops: `end_runs`, then stop every actor and flush every write."""
+        await self.end_runs(grace_s)
+        await self.stop()
+
+    async def end_runs(self, grace_s: float) -> None:
+        """The gateway stops (SIGTERM; it no longer accepts): no run is placed on a remote
+        runner any more, active runs may go on for `grace_s` seconds, queued runs and
+        follow-ups starting as usual meanwhile; then every run still running ends
+        `failed`/`shutdown` and its runner is stopped (a remote one told `run.cancel`),
+        queued runs are left for the next gateway. The first call starts it and every
+        caller waits for it: the runner sockets, kept open meanwhile, start it as the
+        server shuts down (gateway.runnersocket); the lifespan's `shutdown` waits for it."""
+        if self._ending is None:
+            self._ending = asyncio.create_task(self._end_runs(grace_s), name="end-runs")
+        await asyncio.shield(self._ending)
+
+    async def _end_runs(self, grace_s: float) -> None:
+        if self.runners.remote is not None:
+            self.runners.remote.stop_placing()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace_s
         while (left := deadline - loop.time()) > 0 and await self._ask_actors(end=False):
-            drivers = [d for a in list(self.actors.values()) for d in a.drivers.values()]
+            drivers = self._drivers()
             if not drivers:
                 break
             # RunDriver.wait returns within a second: a stuck runner is looked at again
@@ -531,11 +549,18 @@ class ConversationHub:
             _, pending = await asyncio.wait(waits, timeout=left, return_when="FIRST_COMPLETED")
             for wait in pending:
                 wait.cancel()
+        drivers = self._drivers()
         await self._ask_actors(end=True)
-        await self.stop()
+        # the runners of the runs just ended are stopped, each remote one sent `run.cancel`,
+        # before a runner socket closes behind it
+        kept = set(self._drivers())
+        await asyncio.gather(*(d.wait() for d in drivers if d not in kept))
+
+    def _drivers(self) -> list[RunDriver]:
+        return [d for a in list(self.actors.values()) for d in a.drivers.values()]
 
     async def _ask_actors(self, end: bool) -> bool:
-        """`Shutdown` to every actor; whether any still has an active run."""
+        """`Shutdown` to every actor; whether any still has a running run."""
         loop = asyncio.get_running_loop()
         replies: list[asyncio.Future[bool]] = []
         for actor in list(self.actors.values()):
@@ -638,6 +663,28 @@ class ConversationHub:
                 await self.get(conversation_id)
             except SteerwayError as exc:
                 log.error("conversation %s: recovery failed: %s", conversation_id, exc)
+
+    async def follow(
+        self, conversation_id: str, subscriber: Subscriber
+    ) -> tuple[ConversationRef, int]:
+        """Subscribe to a conversation's events: its ref, and `head`, such that every event
+        up to `head` is in the store and every one after it reaches `subscriber` (PROTOCOL.md
+        section 2). `unfollow` undoes it."""
+        ref = await self.get(conversation_id)
+        await self.bus.join(conversation_id)
+        try:
+            await ref.describe()
+        except BaseException:
+            self.bus.leave(conversation_id)
+            raise
+        # No await from here: nothing is published between the subscription and the head.
+        self.bus.subscribe(conversation_id, subscriber)
+        head = self.bus.head(conversation_id)
+        return ref, ref.published if head is None else head
+
+    def unfollow(self, conversation_id: str, subscriber: Subscriber) -> None:
+        self.bus.unsubscribe(conversation_id, subscriber)
+        self.bus.leave(conversation_id)
 
     def forget(self, actor: ConversationActor) -> None:
         if self.actors.get(actor.conversation_id) is actor:

@@ -13,6 +13,7 @@ from starlette.routing import Route
 
 from gateway import auth
 from gateway.auth import Principal
+from gateway.config import Settings
 from gateway.conversation import ConversationHub
 from gateway.core.runs import RunStatus
 from gateway.errors import FrameError, SteerwayError
@@ -28,7 +29,22 @@ from store.base import StoreError
 
 LISTING_DEFAULT, LISTING_MAX = 50, 500
 EVENTS_DEFAULT, EVENTS_MAX = 500, 5000
-MAX_BODY = 64 * 1024
+# The longest JSON spelling of one text character (a code point) is a surrogate pair
+# of escapes, `\ud83d\ude00`: 12 bytes; of one byte of compact JSON (as metadata is
+# measured), an escaped ASCII character, `\u0061`: 6 bytes.
+BODY_BYTES_PER_CHAR = 12
+BODY_BYTES_PER_METADATA_BYTE = 6
+BODY_ROOM = 4096  # `type`, `client_msg_id`, `mode`, `runner`, the keys, some whitespace
+
+
+def body_limit(settings: Settings) -> int:
+    """The largest `POST .../messages` body read: the largest legal message, however its
+    strings are escaped (PROTOCOL.md sections 3 and 8 count characters, not bytes)."""
+    return (
+        settings.max_text_chars * BODY_BYTES_PER_CHAR
+        + settings.max_metadata_bytes * BODY_BYTES_PER_METADATA_BYTE
+        + BODY_ROOM
+    )
 
 
 def json(body: Any, status: int = 200) -> Response:
@@ -84,6 +100,7 @@ class Api:
         self.store = hub.store
         self.settings = hub.settings
         self.limits = FrameLimits(self.settings.max_text_chars, self.settings.max_metadata_bytes)
+        self.max_body = body_limit(self.settings)
 
     def routes(self) -> list[Route]:
         return [
@@ -120,9 +137,7 @@ class Api:
 
     async def post_message(self, request: Request, who: Principal) -> Response:
         cid = _cid(request, who)
-        body = await request.body()
-        if len(body) > MAX_BODY:
-            raise _bad(f"body over {MAX_BODY} bytes")
+        body = await self._body(request)
         try:
             obj = orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -134,6 +149,28 @@ class Api:
             raise _bad("the body's `type` must be `message`")
         ack = await self.hub.submit(cid, frame, who.author)
         return json(encode(ack))
+
+    async def _body(self, request: Request) -> bytes:
+        """The request body, refused (413) as soon as it is longer than any legal message
+        can be: never buffered beyond the limit."""
+        limit = self.max_body
+        too_long = SteerwayError(
+            f"request body over {limit} bytes: longer than any legal message (text at most "
+            f"{self.settings.max_text_chars} characters, metadata at most "
+            f"{self.settings.max_metadata_bytes} bytes as compact JSON)",
+            code=ErrorCode.TEXT_TOO_LONG,
+        )
+        declared = request.headers.get("content-length", "")
+        if declared.isascii() and declared.isdigit() and int(declared) > limit:
+            raise too_long
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_long
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     async def events(self, request: Request, who: Principal) -> Response:
         cid = _cid(request, who)
@@ -164,7 +201,7 @@ class Api:
         return json({"turns": [t.document() for t in turns], "next_before": nxt})
 
     async def conversations(self, request: Request, who: Principal) -> Response:
-        auth.for_admin(who)  # a listing across conversations
+        only = auth.listed_conversations(who)
         limit = _int(request, "limit", LISTING_DEFAULT, LISTING_MAX)
         raw = request.query_params.get("before")
         before = None
@@ -178,7 +215,7 @@ class Api:
             ):
                 raise _bad("`before` is not a cursor this server gave")
             before = (value[0], value[1])
-        items = await self.store.list_conversations(limit + 1, before)
+        items = await self.store.list_conversations(limit + 1, before, only)
         more = len(items) > limit
         items = items[:limit]
         nxt = _cursor([items[-1].last_activity, items[-1].conversation_id]) if more else None

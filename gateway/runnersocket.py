@@ -16,7 +16,10 @@ names, in order, and everything bad is answered here:
   the WebSocket layer.
 
 When the connection ends, for whatever reason, each run the runner held fails
-`runner_lost` (retryable); nothing else is disturbed.
+`runner_lost` (retryable); nothing else is disturbed.  Except at shutdown: the
+server leaves this socket open (gateway.wsserver, `steerway.shutdown`) while
+the hub gives the runs their grace and ends what is left (`failed`/`shutdown`,
+the runner told `run.cancel`); then it closes 1001, after every frame before.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from gateway.protocol.frames import (
 )
 from gateway.runners.remote import RemotePool, RunnerLink, is_terminal
 from gateway.ws import Scope
+from gateway.wsserver import SHUTDOWN
 
 log = logging.getLogger("steerway.runners.socket")
 
@@ -71,8 +75,11 @@ class RunnerSocket:
         except auth.Refused as exc:
             await auth.refuse(send, exc)
             return
+        defer = scope.get("extensions", {}).get(SHUTDOWN, {}).get("defer")
+        shutdown: asyncio.Event | None = defer() if defer is not None else None
         try:
-            await RunnerConnection(self.hub, self.pool, who, send, receive).serve()
+            connection = RunnerConnection(self.hub, self.pool, who, send, receive)
+            await connection.serve(shutdown)
         finally:
             self.slots.release(None)
 
@@ -90,7 +97,8 @@ class RunnerConnection:
         self.send = send
         self.receive = receive
         self.session_id = uuid.uuid4().hex
-        self.outbox: asyncio.Queue[str] = asyncio.Queue(RUNNER_OUTBOX)
+        # frames to send; None: close 1001 (the server shuts down), once they are sent
+        self.outbox: asyncio.Queue[str | None] = asyncio.Queue(RUNNER_OUTBOX)
         rate = settings.runner_rate_per_s
         self.bucket = TokenBucket(rate, max(1, int(rate)), time.monotonic())
         self.abuse = settings.rate_abuse
@@ -99,11 +107,15 @@ class RunnerConnection:
         self.close_code: int | None = None
         self._closing: set[asyncio.Task[None]] = set()
 
-    async def serve(self) -> None:
+    async def serve(self, shutdown: asyncio.Event | None) -> None:
+        """Serve the connection; `shutdown` is set when the server shuts down and leaves
+        the closing to this connection (without it, the server closes it at once)."""
         await self.send({"type": "websocket.accept"})
         gauge = self.hub.metrics.connections.labels("runners")
         gauge.inc()
-        writer = asyncio.create_task(self._write())
+        tasks = [asyncio.create_task(self._write())]
+        if shutdown is not None:
+            tasks.append(asyncio.create_task(self._leave_at(shutdown)))
         try:
             await self._read()
         finally:
@@ -111,9 +123,10 @@ class RunnerConnection:
                 self.pool.leave(self.link)
                 log.info("runner %s (%s) disconnected", self.link.name, self.session_id)
             gauge.dec()
-            writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await writer
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             for task in list(self._closing):
                 with contextlib.suppress(Exception):
                     await task
@@ -136,9 +149,25 @@ class RunnerConnection:
         try:
             while True:
                 text = await self.outbox.get()
+                if text is None:
+                    await self._close(CloseCode.GOING_AWAY, "server shutting down")
+                    return
                 await self.send({"type": "websocket.send", "text": text})
         except OSError:  # the runner went away
             pass
+
+    async def _leave_at(self, shutdown: asyncio.Event) -> None:
+        """The server shuts down: the runs this runner holds have their grace like any
+        run (no new one comes: the pool places none), then the hub ends what is left,
+        the runner told `run.cancel`; the close follows those frames."""
+        await shutdown.wait()
+        try:
+            await self.hub.end_runs(self.hub.settings.shutdown_grace_s)
+        finally:  # whatever happened, the server waits for this socket to close
+            try:
+                self.outbox.put_nowait(None)
+            except asyncio.QueueFull:  # it reads nothing: closed at once
+                await self._close(CloseCode.GOING_AWAY, "server shutting down")
 
     async def _close(self, code: int, reason: str, last: Strict | None = None) -> None:
         if self.close_code is not None:

@@ -170,20 +170,12 @@ class Session:
     async def serve(self) -> None:
         hub, metrics = self.hub, self.hub.metrics
         await self.send({"type": "websocket.accept"})
-        actor = await hub.get(self.cid)
-        await hub.bus.join(self.cid)  # a cluster's channel: live, and its head known
         try:
-            await actor.describe()
-        except BaseException:
-            hub.bus.leave(self.cid)
-            raise
-        # No await from here to the end of the block: every event after `head` reaches the
-        # outbox through the bus, every event up to `head` is in the store (section 2).
-        hub.bus.subscribe(self.cid, self.outbox)
+            actor, head = await hub.follow(self.cid, self.outbox)
+        except SteerwayError as exc:  # a cluster node that cannot reach Redis
+            await self._close(CloseCode.INTERNAL_ERROR, exc.message[:120])
+            return
         hub.dashboard.clients_changed(self.cid)
-        head = hub.bus.head(self.cid)
-        if head is None:
-            head = actor.published
         self.outbox.floor = max(head, self.after or 0)
         ready = Ready(
             conversation_id=self.cid,
@@ -198,8 +190,7 @@ class Session:
         try:
             await self._read()
         finally:
-            hub.bus.unsubscribe(self.cid, self.outbox)
-            hub.bus.leave(self.cid)
+            hub.unfollow(self.cid, self.outbox)
             hub.dashboard.clients_changed(self.cid)
             metrics.connections.labels("conversation").dec()
             self.outbox.close()

@@ -9,7 +9,10 @@ on the transport when the connection is open and writable, and returns False
 otherwise: the app then uses the ordinary `send`, which waits.
 
 Closing (PROTOCOL.md section 7):
-- a server shutdown closes with 1001, "going away" (uvicorn says 1012);
+- a server shutdown closes with 1001, "going away" (uvicorn says 1012), at once,
+  unless the app asked to close the connection itself (the extension
+  `steerway.shutdown`, whose `defer()` returns an event set as the server shuts
+  down): a remote runner's socket stays open while its runs have their grace;
 - the app's close is written at once, even to a peer whose transport is paused
   (a slow consumer, closed 4008, would otherwise never be closed);
 - a peer that does not finish a closing handshake, or answer a keepalive ping,
@@ -39,6 +42,7 @@ from gateway.protocol.codes import CloseCode
 from gateway.protocol.frames import MAX_RUNNER_FRAME_BYTES
 
 PREBUILT = "steerway.prebuilt"
+SHUTDOWN = "steerway.shutdown"
 RUNNERS_PATH = "/ws/runners"
 
 
@@ -59,6 +63,7 @@ class SteerwayWebSocketProtocol(WebSocketsSansIOProtocol):
         super().__init__(config, *args, **kwargs)
         # the time a peer has to answer, a ping or a close alike
         self.close_timeout = config.ws_ping_timeout or self.close_timeout
+        self.shutdown_deferred: asyncio.Event | None = None
 
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)
@@ -69,6 +74,16 @@ class SteerwayWebSocketProtocol(WebSocketsSansIOProtocol):
             self.conn.max_message_size = MAX_RUNNER_FRAME_BYTES
         if scope is not None and not self.conn.extensions:  # no compression negotiated
             scope["extensions"][PREBUILT] = {"write": self.write_prebuilt}
+        if scope is not None:
+            scope["extensions"][SHUTDOWN] = {"defer": self.defer_shutdown}
+
+    def defer_shutdown(self) -> asyncio.Event:
+        """When the server shuts down, set the event and leave the connection open: the
+        app closes it.  uvicorn waits for it (with no `timeout_graceful_shutdown`, as
+        long as it takes) before the lifespan's shutdown."""
+        if self.shutdown_deferred is None:
+            self.shutdown_deferred = asyncio.Event()
+        return self.shutdown_deferred
 
     def write_prebuilt(self, data: bytes) -> bool:
         """Write a frame made by `text_frame`; False when the connection cannot take it
@@ -95,6 +110,9 @@ class SteerwayWebSocketProtocol(WebSocketsSansIOProtocol):
     def shutdown(self) -> None:
         if not self.handshake_complete or self.close_sent or self.disconnected:
             super().shutdown()
+        elif self.shutdown_deferred is not None:
+            self.shutdown_deferred.set()  # keepalive goes on: a runner gone is still seen
+            return  # no abort timer either: the app closes it
         else:
             self.stop_keepalive()
             self._close(CloseCode.GOING_AWAY, "server shutting down")

@@ -1,6 +1,7 @@
 """Persistence: the Store interface and its implementations. Never imports the gateway."""
 
 from store.base import (
+    ConversationFilter,
     ConversationRecord,
     EventRecord,
     Store,
@@ -8,4 +9,11 @@ from store.base import (
     WriteBatch,
 )
 
-__all__ = ["ConversationRecord", "EventRecord", "Store", "TurnRecord", "WriteBatch"]
+__all__ = [
+    "ConversationFilter",
+    "ConversationRecord",
+    "EventRecord",
+    "Store",
+    "TurnRecord",
+    "WriteBatch",
+]

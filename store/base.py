@@ -8,6 +8,8 @@ writing a batch again after a failure stores nothing twice.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -59,6 +61,39 @@ class ConversationRecord:
             "last_activity": self.last_activity,
             "active_run": self.active_run,
         }
+
+
+_ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-")
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationFilter:
+    """Conversation ids matching any of a token's `convs` (ids, or patterns where `*`
+    matches any run of characters), as a store can query them: the exact ids, and one
+    anchored regular expression for the patterns (None when there are none)."""
+
+    ids: tuple[str, ...]
+    regex: str | None
+
+    @classmethod
+    def of(cls, patterns: Iterable[str]) -> ConversationFilter:
+        ids: list[str] = []
+        alternatives: list[str] = []
+        for pattern in dict.fromkeys(patterns):
+            if not set(pattern) <= _ID_CHARS | {"*"}:
+                continue  # a character no conversation id has: it matches nothing
+            if "*" not in pattern:
+                ids.append(pattern)
+            else:
+                # `.` is the one id character special in a regex (PCRE, Python, Rust alike)
+                alternatives.append(pattern.replace(".", "\\.").replace("*", ".*"))
+        regex = f"^(?:{'|'.join(alternatives)})$" if alternatives else None
+        return cls(tuple(ids), regex)
+
+    def matches(self, conversation_id: str) -> bool:
+        if conversation_id in self.ids:
+            return True
+        return self.regex is not None and re.search(self.regex, conversation_id) is not None
 
 
 @dataclass
@@ -118,9 +153,10 @@ class Store(Protocol):
         offset is below `before` (all when None)."""
 
     async def list_conversations(
-        self, limit: int, before: tuple[int, str] | None
+        self, limit: int, before: tuple[int, str] | None, only: ConversationFilter | None = None
     ) -> list[ConversationRecord]:
-        """Most recently active first; `before` is the (last_activity, id) of the last item seen."""
+        """Most recently active first; `before` is the (last_activity, id) of the last item
+        seen; `only`, when given, keeps the conversations it matches (a token's `convs`)."""
 
     async def get_run(self, run_id: str) -> dict[str, Any] | None: ...
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from store.base import ConversationRecord, StoreConflict, StoreError, TurnRecord, WriteBatch
+from store.base import (
+    ConversationFilter,
+    ConversationRecord,
+    StoreConflict,
+    StoreError,
+    TurnRecord,
+    WriteBatch,
+)
 
 
 class MemoryStore:
@@ -110,11 +117,15 @@ class MemoryStore:
         return turns
 
     async def list_conversations(
-        self, limit: int, before: tuple[int, str] | None
+        self, limit: int, before: tuple[int, str] | None, only: ConversationFilter | None = None
     ) -> list[ConversationRecord]:
         self._check()
         items = sorted(
-            self._conversations.values(),
+            (
+                c
+                for c in self._conversations.values()
+                if only is None or only.matches(c.conversation_id)
+            ),
             key=lambda c: (c.last_activity, c.conversation_id),
             reverse=True,
         )

@@ -36,6 +36,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, CollectionInvalid, OperationFailure, PyMongoError
 
 from store.base import (
+    ConversationFilter,
     ConversationRecord,
     EventRecord,
     StoreConflict,
@@ -475,19 +476,28 @@ class MongoStore:
         return turns if limit is None else turns[::-1]
 
     async def list_conversations(
-        self, limit: int, before: tuple[int, str] | None
+        self, limit: int, before: tuple[int, str] | None, only: ConversationFilter | None = None
     ) -> list[ConversationRecord]:
         if limit <= 0:
             return []
-        query: Document = {}
+        clauses: list[Document] = []
         if before is not None:
             activity, cid = before
-            query = {
-                "$or": [
-                    {"last_activity": {"$lt": activity}},
-                    {"last_activity": activity, "conversation_id": {"$lt": cid}},
-                ]
-            }
+            clauses.append(
+                {
+                    "$or": [
+                        {"last_activity": {"$lt": activity}},
+                        {"last_activity": activity, "conversation_id": {"$lt": cid}},
+                    ]
+                }
+            )
+        if only is not None:
+            # exact ids by `$in` (the index), patterns by one anchored `$regex`
+            matching: list[Document] = [{"conversation_id": {"$in": list(only.ids)}}]
+            if only.regex is not None:
+                matching.append({"conversation_id": {"$regex": only.regex}})
+            clauses.append({"$or": matching})
+        query: Document = {"$and": clauses} if clauses else {}
         with _errors("list conversations"):
             cursor = (
                 self._conversations.find(query)

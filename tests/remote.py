@@ -63,7 +63,7 @@ class RawRunner:
 
 @contextlib.asynccontextmanager
 async def raw_runner(
-    gw: Gateway,
+    gw: Gateway | GatewayProcess,
     name: str = "far",
     *,
     max_concurrency: int = 1,

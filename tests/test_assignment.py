@@ -66,6 +66,24 @@ def test_a_leaving_runner_hands_back_its_runs_and_its_place() -> None:
     assert a.names() == set()
 
 
+def test_once_stopped_nothing_more_is_placed() -> None:
+    """The gateway shuts down: placed runs go on, freed places stay free, new requests
+    and joins take nothing."""
+    a = Assignment(max_waiting=2)
+    a.join(1, "x", 1)
+    assert a.request("r1", "x") == 1
+    assert a.request("r2", "x") is Outcome.WAITING
+    a.stop()
+    assert a.release("r1") == []  # r2 would have had it
+    assert a.request("r3", "x") is Outcome.WAITING  # though runner 1 is free
+    assert a.request("r4", "x") is Outcome.FULL  # the bound still holds
+    assert a.join(2, "x", 5) == []
+    assert a.placed == {}
+    assert a.withdraw("r2", "x")
+    assert a.withdraw("r3", "x")
+    assert a.waiting == {}
+
+
 def test_misuse_is_refused() -> None:
     a = Assignment(max_waiting=10)
     a.join(1, "x", 1)

@@ -263,7 +263,7 @@ REST = [
     ("GET", f"/api/runs?conversation_id={CID}", "conversation", 200),
     ("GET", "/api/runs/{run_id}", "conversation", 200),
     ("POST", "/api/runs/{run_id}/cancel", "conversation", 409),  # the run has ended
-    ("GET", "/api/conversations", "admin", 200),
+    ("GET", "/api/conversations", "user", 200),  # a user lists its own (issue 11)
     ("GET", "/api/runs", "admin", 200),
     ("GET", "/metrics", "admin", 200),
     ("GET", "/api/no/such/path", "user", 404),
@@ -335,6 +335,58 @@ async def test_every_token_case_on_every_endpoint() -> None:
 
         for path in ("/healthz", "/readyz", "/"):  # open, token or not
             assert (await http.get(path)).status_code == 200
+
+
+async def test_a_user_token_lists_only_the_conversations_it_covers() -> None:
+    """Issue 11, item 7: newest first, paged like the admin's listing, through patterns."""
+    admin = {"authorization": f"Bearer {token('root', 'admin', ())}"}
+    ids = ["team.a", "teamXa", "c1", "team.b", "c10", "other", "team.c"]
+    async with run_gateway(secret=SECRET) as gw, gw.client() as http:
+        for cid in ids:
+            answer = await http.post(
+                f"/api/conversations/{cid}/messages",
+                json={"client_msg_id": "m1", "text": "hello"},
+                headers=admin,
+            )
+            assert answer.status_code == 200, answer.text
+            async with gw.connect(cid, after=0, token=token("root", "admin", ())) as client:
+                await expect(client, "run.ended", run_id=answer.json()["run_id"])
+
+        async def listing(tok: str, **params: Any) -> dict[str, Any]:
+            answer = await http.get(
+                "/api/conversations", params=params, headers={"authorization": f"Bearer {tok}"}
+            )
+            assert answer.status_code == 200, answer.text
+            body: dict[str, Any] = answer.json()
+            return body
+
+        every = (await listing(token("root", "admin", ())))["conversations"]
+        assert sorted(c["conversation_id"] for c in every) == sorted(ids)
+        mine = token(convs=("team.*", "c1"))
+        covered = [c for c in every if c["conversation_id"] in ("team.a", "team.b", "team.c", "c1")]
+        assert (await listing(mine)) == {"conversations": covered, "next_before": None}
+        # pages are full and meet: 3 + 1, then one at a time
+        page1 = await listing(mine, limit=3)
+        assert page1["conversations"] == covered[:3]
+        page2 = await listing(mine, limit=3, before=page1["next_before"])
+        assert page2 == {"conversations": covered[3:], "next_before": None}
+        seen, cursor = [], None
+        while True:
+            page = await listing(mine, limit=1, **({"before": cursor} if cursor else {}))
+            assert len(page["conversations"]) == 1
+            seen += page["conversations"]
+            cursor = page["next_before"]
+            if cursor is None:
+                break
+        assert seen == covered
+        # another conversation's cursor pages only through this token's conversations
+        other_cursor = (await listing(token("root", "admin", ()), limit=1))["next_before"]
+        rest = (await listing(mine, before=other_cursor))["conversations"]
+        assert rest == [c for c in covered if c["conversation_id"] != every[0]["conversation_id"]]
+        # no convs, or convs that match nothing: nothing is listed
+        for convs in ((), ("nobody", "x*"), ("(.*)", "^.*$")):
+            assert await listing(token(convs=convs)) == {"conversations": [], "next_before": None}
+        assert (await listing(token(convs=("*",))))["conversations"] == every
 
 
 async def _closed_with(url: str, first: dict[str, Any] | None = None) -> int | None:

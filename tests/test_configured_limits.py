@@ -58,6 +58,10 @@ async def test_text_metadata_and_frame_sizes_follow_the_settings() -> None:
             post, json={"client_msg_id": "r2", "text": "y", "metadata": {"k": "v" * 25}}
         )
         assert (answer.status_code, answer.json()["error"]["code"]) == (400, "invalid_frame")
+        # the REST body limit follows them: 10 x 12 + 32 x 6 + 4096 bytes (issue 11, item 3)
+        for size, status in ((10 * 12 + 32 * 6 + 4096, 400), (10 * 12 + 32 * 6 + 4097, 413)):
+            answer = await http.post(post, content=b"{" + b" " * (size - 2) + b"}")
+            assert answer.status_code == status, answer.text
 
         await client.send(message("big", "z", metadata={"pad": "p" * 2100}))
         code, reason = await closed_with(client)

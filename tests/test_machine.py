@@ -6,7 +6,7 @@ every input and checks the invariants of the protocol on the whole event log.
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.core.conversation import ConversationMachine, Effects, RunnerSpec, Turn
+from gateway.core.recovery import Recovered
 from gateway.core.results import Result
 from gateway.core.routing import Refusal, Route
 from gateway.core.runs import Run, RunKind, RunStatus, UserText
@@ -317,14 +318,23 @@ def test_queued_runs_start_in_order_when_the_active_run_ends() -> None:
     assert [(e.type, e.run_id) for e in fx.events] == [
         ("run.ended", first),
         ("run.started", q1.run_id),
+        ("queue.updated", None),  # q2 moved up
     ]
     assert fx.events[1].trigger_message_ids == [q1.message_id]  # type: ignore[attr-defined]
+    assert fx.events[2].wire() == {
+        "type": "queue.updated",
+        "offset": 0,
+        "ts": 10,
+        "conversation_id": CID,
+        "runs": [{"run_id": q2.run_id, "position": 1}],
+    }
     assert fx.start == [m.active]
     assert fx.stop == [first]
     assert m.active is not None
     assert (m.active.run_id, m.active.kind, m.active.started_at) == (q1.run_id, RunKind.QUEUE, 10)
     m.runner_finished(q1.run_id, None, 11)
     assert active_id(m) == q2.run_id
+    assert types(m.take_effects()) == ["run.ended", "run.started"]  # nobody left to move
     m.runner_finished(q2.run_id, None, 12)
     assert m.idle
 
@@ -401,8 +411,12 @@ def test_cancel_a_queued_run_ends_it_without_start() -> None:
     m.take_effects()
     assert m.cancel(q1.run_id, 5) is True
     fx = m.take_effects()
-    assert [(e.type, e.run_id) for e in fx.events] == [("run.ended", q1.run_id)]
+    assert [(e.type, e.run_id) for e in fx.events] == [
+        ("run.ended", q1.run_id),
+        ("queue.updated", None),
+    ]
     assert fx.events[0].wire()["status"] == "cancelled"
+    assert fx.events[1].wire()["runs"] == [{"run_id": q2.run_id, "position": 1}]
     cancelled = fx.runs[q1.run_id]
     assert (cancelled.status, cancelled.started_at, cancelled.ended_at) == (
         RunStatus.CANCELLED,
@@ -415,6 +429,78 @@ def test_cancel_a_queued_run_ends_it_without_start() -> None:
     assert [r.run_id for r in m.queue] == [q2.run_id]
     m.runner_finished(first, None, 6)
     assert active_id(m) == q2.run_id
+
+
+def positions(fx: Effects) -> list[list[tuple[str, int]]]:
+    """The `queue.updated` events of a step, as (run_id, position) lists."""
+    return [
+        [(r["run_id"], r["position"]) for r in e.wire()["runs"]]
+        for e in fx.events
+        if e.type == "queue.updated"
+    ]
+
+
+def test_queue_updated_only_when_a_queued_run_moves() -> None:
+    """Issue 11, item 6: every still-queued run in order, whenever one's position changed."""
+    m, _ = running()
+    q = [send(m, f"q{n}", "queue", key=f"q{n}").run_id for n in range(4)]
+    assert positions(m.take_effects()) == []  # joining the end: run.queued says it
+    m.cancel(q[3], 2)  # the last one leaves: nobody moves
+    assert positions(m.take_effects()) == []
+    m.cancel(q[1], 3)  # q2 moves up to 2
+    assert positions(m.take_effects()) == [[(q[0], 1), (q[2], 2)]]
+    send(m, "steer", key="s1")
+    send(m, "now", "interrupt", key="i1", now=4)  # starts at once: the queue stays
+    fx = m.take_effects()
+    assert positions(fx) == []
+    assert "queue.updated" not in types(fx)
+    send(m, "later", "queue", key="q9", now=5)
+    assert m.take_effects().events[-1].wire()["position"] == 3
+    m.runner_finished(active_id(m), None, 6)  # q0 starts: q2 and q9 move up
+    fx = m.take_effects()
+    assert types(fx) == ["run.ended", "run.started", "queue.updated"]
+    assert positions(fx) == [[(q[2], 1), (m.queue[1].run_id, 2)]]
+
+
+def test_queue_updated_comes_after_the_run_ended_of_a_cancelled_run() -> None:
+    """It names no run that has ended: the cancelled run is gone from it."""
+    m, _ = running()
+    q1 = send(m, "one", "queue", key="q1").run_id
+    q2 = send(m, "two", "queue", key="q2").run_id
+    m.take_effects()
+    m.cancel(q1, 2)
+    m.cancel(q2, 2)
+    fx = m.take_effects()  # one batch, two cancels: each move is announced in order
+    assert [(e.type, e.run_id) for e in fx.events] == [
+        ("run.ended", q1),
+        ("queue.updated", None),
+        ("run.ended", q2),
+    ]
+    assert positions(fx) == [[(q2, 1)]]
+    assert m.queue == deque()
+
+
+def test_recovery_announces_the_queue_it_takes_over() -> None:
+    m = new_machine()
+    queued = [
+        Run(f"run_q{n}", CID, "echo", RunKind.QUEUE, [UserText(f"msg_{n}", "t", "a", 1)], 1)
+        for n in range(3)
+    ]
+    interrupted = Run("run_a", CID, "echo", RunKind.RUN, [], 1, status=RunStatus.RUNNING)
+    m.restore(Recovered(interrupted=[interrupted], queue=queued), 9)
+    fx = m.take_effects()
+    assert types(fx) == ["run.ended", "run.started", "queue.updated"]
+    assert positions(fx) == [[("run_q1", 1), ("run_q2", 2)]]
+    # a recovered queue whose first run cannot start yet (a follow-up goes first) is
+    # announced as it stands: this gateway does not know what the last one said
+    m = new_machine()
+    queued = queued[1:]
+    interrupted = Run("run_b", CID, "echo", RunKind.RUN, [], 1, status=RunStatus.RUNNING)
+    interrupted.add_steering(UserText("msg_s", "s", "a", 1))
+    m.restore(Recovered(interrupted=[interrupted], queue=queued), 9)
+    fx = m.take_effects()
+    assert types(fx) == ["run.ended", "run.started", "queue.updated"]
+    assert positions(fx) == [[("run_q1", 1), ("run_q2", 2)]]
 
 
 # --------------------------------------------------------------------------- 5.4
@@ -745,6 +831,7 @@ class Checker:
     started: set[str] = field(default_factory=set)
     ended: dict[str, str] = field(default_factory=dict)  # run_id -> status
     queued_model: list[str] = field(default_factory=list)  # user-queued runs, in order
+    told: dict[str, int] = field(default_factory=dict)  # queue positions clients last saw
     running: str | None = None  # the run started and not ended
     routed: dict[str, tuple[str, str]] = field(default_factory=dict)  # msg -> (route, run)
     steered: dict[str, list[str]] = field(default_factory=dict)  # run -> steering msgs
@@ -782,6 +869,14 @@ class Checker:
         rid = e.run_id
         assert e.conversation_id == CID
         assert e.ts == now
+        if e.type == "queue.updated":
+            assert rid is None, "it concerns several runs"
+            runs = [(r["run_id"], r["position"]) for r in w["runs"]]
+            assert runs == [(r, n) for n, r in enumerate(self.queued_model, 1)], "all, in order"
+            assert any(self.told.get(r) != n for r, n in runs), "only when one moved"
+            self.told = dict(runs)
+            observe("queue.updated")
+            return
         assert rid is not None
         assert rid not in self.ended, f"{e.type} of {rid} after its run.ended"
         if e.type == "user.message":
@@ -809,6 +904,7 @@ class Checker:
             self.triggers[rid] = w["trigger_message_ids"]
             self.queued_model.append(rid)
             assert w["position"] == len(self.queued_model)
+            self.told[rid] = w["position"]
             assert len(self.queued_model) <= 16
             assert w["runner"] == self.spec.name
         elif e.type == "run.started":
@@ -871,6 +967,9 @@ class Checker:
         active = m.active
         assert (active.run_id if active else None) == self.running
         assert [r.run_id for r in m.queue] == self.queued_model
+        # issue 11: after every step, clients know each queued run's position
+        told = [self.told.get(rid) for rid in self.queued_model]
+        assert told == list(range(1, len(self.queued_model) + 1)), "a stale queue position"
         if active is None:
             assert not m.queue, "runs wait while nothing runs"
         else:

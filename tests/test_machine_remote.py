@@ -78,3 +78,61 @@ def test_cancel_and_interrupt_of_a_waiting_run() -> None:
     assert fx.events[1].wire()["run_id"] == second.run_id
     assert m.active is not None
     assert m.active.run_id == third.run_id
+
+
+def test_at_shutdown_a_run_no_runner_took_stays_queued_for_the_next_gateway() -> None:
+    """It never started: left ahead of the queued runs, with its steering, its driver
+    stopped, nothing written (its document says `queued` already)."""
+    m = machine()
+    first = send(m, "hi")
+    steer = send(m, "more", key="k2")
+    queued = send(m, "later", mode="queue", key="k3")
+    m.take_effects()
+    m.shutdown(9)
+    fx = m.take_effects()
+    assert (fx.events, fx.runs, fx.start) == ([], {}, [])
+    assert fx.stop == [first.run_id]
+    assert m.active is None
+    assert [r.run_id for r in m.queue] == [first.run_id, queued.run_id]
+    assert m.queue[0].status is RunStatus.QUEUED
+    assert [t.message_id for t in m.queue[0].steering] == [steer.message_id]
+
+
+def test_at_shutdown_a_follow_up_no_runner_took_ends_like_a_running_run() -> None:
+    """A follow-up has no message of its own that recovery could start it from."""
+    m = machine()
+    first = send(m, "hi")
+    send(m, "more", key="k2")
+    m.take_effects()
+    m.assigned(first.run_id or "", 2)
+    m.result(first.run_id or "", done(), 3)
+    follow = m.active
+    assert follow is not None
+    assert follow.status is RunStatus.QUEUED
+    m.take_effects()
+    m.shutdown(9)
+    fx = m.take_effects()
+    assert types(fx) == ["run.ended"]
+    ended = fx.events[0].wire()
+    assert (ended["run_id"], ended["status"], ended["reason"]) == (
+        follow.run_id,
+        "failed",
+        "shutdown",
+    )
+    assert m.active is None
+    assert not m.queue
+
+
+def test_at_shutdown_a_run_a_runner_took_ends_failed_shutdown() -> None:
+    m = machine()
+    first = send(m, "hi")
+    m.assigned(first.run_id or "", 2)
+    m.take_effects()
+    m.shutdown(9)
+    fx = m.take_effects()
+    assert types(fx) == ["run.ended"]
+    assert (fx.events[0].wire()["status"], fx.events[0].wire()["reason"]) == (
+        "failed",
+        "shutdown",
+    )
+    assert fx.stop == [first.run_id]

@@ -231,3 +231,35 @@ async def test_a_restarted_gateway_ends_the_run_and_runs_what_waited() -> None:
     doc_ = await store.get_run(first["run_id"])
     assert doc_ is not None
     assert (doc_["status"], doc_["reason"]) == ("failed", "gateway_restart")
+
+
+async def test_a_log_with_queue_updated_is_recovered_and_the_queue_announced() -> None:
+    """Issue 11, item 6: `queue.updated` (no run_id) in the log a crash leaves is read
+    past; the next gateway announces the queue it takes over once it moves."""
+    store = MemoryStore()
+    async with run_gateway(store=store) as gw, gw.connect(CID, after=0) as client:
+        await client.message("/sleep 600", "b1")
+        first = await ack_of(client, "b1")
+        queued = []
+        for n in range(3):
+            await client.message(f"queued {n}", f"bq{n}", mode="queue")
+            queued.append((await ack_of(client, f"bq{n}"))["run_id"])
+        await client.send({"type": "cancel", "run_id": queued[0]})
+        moved = await expect(client, "queue.updated")
+        assert "run_id" not in moved
+        assert moved["runs"] == [
+            {"run_id": queued[1], "position": 1},
+            {"run_id": queued[2], "position": 2},
+        ]
+        head = moved["offset"]
+        store = copy.deepcopy(store)  # the store as a crash leaves it
+    assert await store.last_offset(CID) == head
+
+    async with run_gateway(store=store) as gw, gw.connect(CID, after=head) as client:
+        await expect(client, "run.ended", run_id=first["run_id"])
+        started_ = await expect(client, "run.started", run_id=queued[1])
+        moved = await expect(client, "queue.updated")
+        assert moved["offset"] == started_["offset"] + 1
+        assert moved["runs"] == [{"run_id": queued[2], "position": 1}]
+        await expect(client, "run.ended", run_id=queued[2])
+        assert_gap_free(client, first=head + 1)

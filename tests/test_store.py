@@ -35,6 +35,7 @@ from hypothesis import strategies as st
 
 from store import embedded
 from store.base import (
+    ConversationFilter,
     ConversationRecord,
     EventRecord,
     Store,
@@ -608,6 +609,47 @@ async def test_list_conversations_pages_most_recent_first(store: Store) -> None:
     assert await store.list_conversations(10, (200, "c_c")) == expected[3:]
     assert await store.list_conversations(10, (200, "c_a")) == expected[4:]
     assert await store.list_conversations(0, None) == []
+
+
+async def test_list_conversations_of_a_token_pages_through_its_own(store: Store) -> None:
+    """Issue 11, item 7: only what `convs` covers, ids exact, `*` patterns, `.` literal."""
+    activity = {
+        "team.a": 100,
+        "teamXa": 600,  # `team.*` must not match it: `.` is not "any character"
+        "team.b": 500,
+        "c1": 300,
+        "c10": 700,
+        "other": 800,
+        "x-team.c": 900,
+        "team.": 200,
+    }
+    await store.write(WriteBatch(conversations=[conv(cid, 1, at) for cid, at in activity.items()]))
+    mine = ConversationFilter.of(["team.*", "c1", "c1", "no such one", "(.*)", "^.*$"])
+    assert mine == ConversationFilter(("c1",), "^(?:team\\..*)$")  # hostile ones match nothing
+    expected = [conv(cid, 1, activity[cid]) for cid in ["team.b", "c1", "team.", "team.a"]]
+    assert await store.list_conversations(100, None, mine) == expected
+    pages, before = [], None
+    while page := await store.list_conversations(3, before, mine):
+        pages.append(page)
+        before = (page[-1].last_activity, page[-1].conversation_id)
+    assert pages == [expected[:3], expected[3:]]  # full pages: filtered by the query
+    assert await store.list_conversations(100, (300, "c1"), mine) == expected[2:]
+    only_ids = ConversationFilter.of(["other", "team.a"])
+    assert only_ids.regex is None
+    assert await store.list_conversations(100, None, only_ids) == [
+        conv("other", 1, 800),
+        conv("team.a", 1, 100),
+    ]
+    patterns = ConversationFilter.of(["*-team*", "c1*"])
+    assert [c.conversation_id for c in await store.list_conversations(100, None, patterns)] == [
+        "x-team.c",
+        "c10",
+        "c1",
+    ]
+    everything = await store.list_conversations(100, None, ConversationFilter.of(["*"]))
+    assert everything == await store.list_conversations(100, None)
+    assert len(everything) == len(activity)
+    assert await store.list_conversations(100, None, ConversationFilter.of([])) == []
 
 
 async def test_transcripts_in_offset_order(store: Store) -> None:

@@ -5,8 +5,10 @@ a name and gets the least-loaded one that is under its limit (ties: the one
 that joined first).  When none is free the run waits in that name's queue, at
 most `max_waiting` runs per name, first come first served; a freed place, or a
 runner joining, goes to the first waiting run.  Giving up on a wait (its
-timeout, a cancel) is `withdraw`.  Every method returns the placements it made
-as `(run_id, runner_id)` pairs, so the edge can wake the runs it placed.
+timeout, a cancel) is `withdraw`.  Once `stop`ped (the gateway shuts down) nothing
+more is placed: requests wait, freed places stay free.  Every method returns the
+placements it made as `(run_id, runner_id)` pairs, so the edge can wake the runs
+it placed.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class Assignment:
         self.slots: dict[int, Slot] = {}  # insertion order = join order
         self.waiting: dict[str, OrderedDict[str, None]] = {}  # name -> run ids, oldest first
         self.placed: dict[str, int] = {}  # run_id -> runner_id
+        self.stopped = False
 
     # ------------------------------------------------------------------ reading
 
@@ -54,6 +57,10 @@ class Assignment:
         return len(self.waiting.get(name, ()))
 
     # ------------------------------------------------------------------ changes
+
+    def stop(self) -> None:
+        """Place nothing more: the runs placed go on, every other run waits."""
+        self.stopped = True
 
     def join(self, runner_id: int, name: str, capacity: int) -> list[Placement]:
         """A runner connected; it takes waiting runs of its name up to its capacity."""
@@ -75,7 +82,7 @@ class Assignment:
         """Place a run on the least-loaded free runner of `name`, or queue it."""
         if run_id in self.placed or run_id in self.waiting.get(name, ()):
             raise ValueError(f"run {run_id} already requested a runner")
-        slot = self._least_loaded(name)
+        slot = None if self.stopped else self._least_loaded(name)
         if slot is not None:
             return self._place(run_id, slot)
         queue = self.waiting.setdefault(name, OrderedDict())
@@ -124,7 +131,7 @@ class Assignment:
     def _drain(self, name: str) -> list[Placement]:
         placements: list[Placement] = []
         queue = self.waiting.get(name)
-        while queue:
+        while queue and not self.stopped:
             slot = self._least_loaded(name)
             if slot is None:
                 break

@@ -30,6 +30,8 @@ from gateway.protocol.frames import (
     MessageCompleted,
     MessageDelta,
     MessageFrame,
+    QueuePosition,
+    QueueUpdated,
     RunCompletedData,
     RunEnded,
     RunError,
@@ -111,6 +113,9 @@ class ConversationMachine:
         # Runs waiting to start, in order. Follow-ups never wait here: one starts the
         # moment the run that left its steering ends, ahead of everything queued.
         self.queue: deque[Run] = deque()
+        # The queue as its clients last heard of it (`run.queued`, `queue.updated`): the
+        # run at index i was told position i + 1.
+        self._announced: list[str] = []
         self.fx = Effects()
 
     # ------------------------------------------------------------------ reading
@@ -181,6 +186,7 @@ class ConversationMachine:
         elif route is Route.QUEUE:
             run = self._new_run(run_id, RunKind.QUEUE, [text], now)
             self.queue.append(run)
+            self._announced.append(run_id)
             self._emit(
                 RunQueued(
                     conversation_id=self.conversation_id,
@@ -236,9 +242,16 @@ class ConversationMachine:
         the active run ends `failed`/`shutdown` (retryable). Steering it leaves over
         becomes its follow-up run (5.4), which cannot run here either and ends the same
         way, so that no message is left without an outcome; queued runs stay queued for
-        the next gateway on the store."""
+        the next gateway on the store, and so does an active run that no remote runner
+        took (it never started: its `user.message` makes it a queued run to recovery).
+        A follow-up has no message of its own to be recovered from: it ends."""
         run = self.active
         if run is None:
+            return
+        if run.status is RunStatus.QUEUED and run.kind is not RunKind.FOLLOW_UP:
+            self.active = None
+            self.queue.appendleft(run)
+            self.fx.stop.append(run.run_id)  # its driver, waiting for a runner
             return
         error = RunError(
             code="shutdown", message="the gateway shut down before the run ended", retryable=True
@@ -452,6 +465,7 @@ class ConversationMachine:
         self.fx.stop.append(run.run_id)
         if run is not self.active:
             self.queue.remove(run)
+            self._announce_queue(now)
             return []
         self.active = None
         if not start_next:
@@ -465,3 +479,19 @@ class ConversationMachine:
             self._start(self._new_run(new_id("run"), RunKind.FOLLOW_UP, carry, now), now)
         elif self.queue:
             self._start(self.queue.popleft(), now)
+        self._announce_queue(now)
+
+    def _announce_queue(self, now: int) -> None:
+        """After the queue lost runs (one started, one was cancelled; or a recovered queue
+        nobody was told of): `queue.updated` when a run still queued has a new position.
+        Runs that left only from the end change no one's position: nothing to say."""
+        order = [run.run_id for run in self.queue]
+        if order != self._announced[: len(order)]:
+            self._emit(
+                QueueUpdated(
+                    conversation_id=self.conversation_id,
+                    ts=now,
+                    runs=[QueuePosition(run_id=rid, position=n) for n, rid in enumerate(order, 1)],
+                )
+            )
+        self._announced = order

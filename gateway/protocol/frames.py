@@ -260,6 +260,19 @@ class RunQueued(Event):
     position: int
 
 
+class QueuePosition(Strict):
+    run_id: str
+    position: int  # 1 = next to start
+
+
+class QueueUpdated(Event):
+    """The queue moved other than by a run joining its end (issue 11): every run still
+    queued, in order. It concerns several runs, so it has no `run_id` of its own."""
+
+    type: Literal["queue.updated"] = "queue.updated"
+    runs: list[QueuePosition]
+
+
 class RunStarted(Event):
     type: Literal["run.started"] = "run.started"
     runner: str

@@ -1,4 +1,4 @@
-"""Runners by name: built in (`echo`, `openai`), `steerway.runners` entry points,
+"""Runners by name: built in (`echo`, `openai`, `agui`), `steerway.runners` entry points,
 `module:attr`, and the names remote runners serve (gateway.runners.remote).
 
 A name an in-process runner has is always served in-process; any other name a
@@ -25,6 +25,7 @@ ENTRY_POINT_GROUP = "steerway.runners"
 BUILTIN = {
     "echo": "gateway.runners.echo:EchoRunner",
     "openai": "gateway.runners.openai:OpenAIRunner",
+    "agui": "gateway.agui.runner:AguiRunner",
 }
 
 
@@ -34,6 +35,8 @@ class RemoteRunners(Protocol):
     def runner(self, name: str) -> Runner | None: ...
 
     def spec(self, name: str) -> RunnerSpec | None: ...
+
+    def stop_placing(self) -> None: ...
 
 
 class RunnerRegistry:

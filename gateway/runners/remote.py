@@ -185,6 +185,10 @@ class RemotePool:
             if lease is not None:
                 lease.lose()
 
+    def stop_placing(self) -> None:
+        """The gateway shuts down: the runs placed go on, no other run is placed."""
+        self.assignment.stop()
+
     # ------------------------------------------------------------------ runs
 
     @contextlib.asynccontextmanager

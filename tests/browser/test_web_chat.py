@@ -4,8 +4,10 @@ never runs HTML, Enter and Shift+Enter, and steering a run while it writes: stee
 
 from __future__ import annotations
 
+import json
 import re
 
+import httpx
 import pytest
 from playwright.sync_api import Page, expect
 
@@ -82,6 +84,36 @@ def test_conversation_list_and_new_conversation(serve, page: Page) -> None:
     expect(page.get_by_role("heading", level=1)).to_have_text("remember me")
 
 
+def test_titles_show_the_text_a_person_reads(serve, page: Page) -> None:
+    """Issue 11, item 5: no Markdown marks in the chat's header or the list."""
+    live = serve()
+    response = httpx.post(
+        f"{live.url}/api/conversations/legacy/messages",
+        json={"client_msg_id": "l1", "text": "an older conversation"},
+        timeout=10,
+    )
+    assert response.status_code == 200, response.text
+    chat = Chat(page, live).open("titled")
+    chat.send("Tell me about **steering**")
+    expect(chat.assistant()).to_have_text("echo: Tell me about steering")
+    heading = page.get_by_role("heading", level=1)
+    nav = page.get_by_role("navigation", name="Conversations")
+    current = nav.locator('[aria-current="page"] .conversation-title')
+    expect(heading).to_have_text("Tell me about steering")
+    expect(page).to_have_title("Tell me about steering · Steerway")
+    expect(current).to_have_text("Tell me about steering")
+
+    # A title kept by an earlier version is its raw first line: shown the same way.
+    titles = json.loads(page.evaluate("localStorage.getItem('steerway.titles')"))
+    titles["legacy"] = "Ask `about` **[old](https://e.org)** things"
+    page.evaluate("(t) => localStorage.setItem('steerway.titles', t)", json.dumps(titles))
+    page.reload()
+    expect(heading).to_have_text("Tell me about steering")  # from the replayed events
+    expect(current).to_have_text("Tell me about steering")
+    legacy = nav.locator('a[data-cid="legacy"] .conversation-title')
+    expect(legacy).to_have_text("Ask about old things")
+
+
 def test_steering_waits_then_is_absorbed(serve, page: Page) -> None:
     gated = Gated()
     live = serve(runners=[gated], runner="gated")
@@ -150,7 +182,7 @@ def test_queue_and_interrupt(serve, page: Page) -> None:
     expect(chat.status).to_have_text("Running · gated")
     chat.send("two", mode="Queue")
     queued = chat.user("two")
-    expect(queued).to_contain_text("Queued: runs after the current run")
+    expect(queued).to_contain_text("Queued · position 1 · runs next")
     expect(chat.status).to_have_text("Running · gated · 1 queued")
 
     chat.send("three", mode="Interrupt")
@@ -162,6 +194,41 @@ def test_queue_and_interrupt(serve, page: Page) -> None:
     expect(chat.assistant()).to_have_text("start two")  # the queued run, after it
     expect(queued).not_to_contain_text("Queued")
     (run_id,) = live.running("modes")
+    live.call(gated.release, run_id)
+    expect(chat.status).to_have_text("Completed")
+
+
+def test_queued_positions_follow_the_queue(serve, page: Page) -> None:
+    """Issue 11, item 6: each queued message shows its run's place in line, and it moves
+    up when the run ahead starts (queue.updated), live and after a reload."""
+    gated = Gated()
+    live = serve(runners=[gated], runner="gated")
+    chat = Chat(page, live).open("line")
+    chat.send("one")
+    expect(chat.status).to_have_text("Running · gated")
+    chat.send("two", mode="Queue")
+    chat.send("three", mode="Queue")
+    two, three = chat.user("two"), chat.user("three")
+    expect(two.locator("[data-queue-position]")).to_have_attribute("data-queue-position", "1")
+    expect(two).to_contain_text("Queued · position 1 · runs next")
+    expect(three.locator("[data-queue-position]")).to_have_attribute("data-queue-position", "2")
+    expect(three).to_contain_text("Queued · position 2 · runs after 1 more queued")
+    expect(chat.status).to_have_text("Running · gated · 2 queued")
+
+    (run_id,) = live.running("line")
+    live.call(gated.release, run_id)  # "one" ends, "two" starts: "three" is next now
+    expect(chat.assistant()).to_have_text("start two")
+    expect(two).not_to_contain_text("Queued")
+    expect(three).to_contain_text("Queued · position 1 · runs next")
+    expect(three.locator("[data-queue-position]")).to_have_attribute("data-queue-position", "1")
+    expect(chat.status).to_have_text("Running · gated · 1 queued")
+    page.reload()  # replayed from offset 0: the same place in line
+    expect(chat.user("three")).to_contain_text("Queued · position 1 · runs next")
+
+    (run_id,) = live.running("line")
+    live.call(gated.release, run_id)
+    expect(chat.assistant()).to_have_text("start three")
+    (run_id,) = live.running("line")
     live.call(gated.release, run_id)
     expect(chat.status).to_have_text("Completed")
 
@@ -185,3 +252,36 @@ def test_screenshot_of_the_chat_mid_steer(serve, page: Page) -> None:
     expect(chat.status).to_have_text(re.compile("^Running"))
     screenshot(page, "chat-steering.png")
     expect(chat.status).to_have_text("Completed")
+
+
+def test_tool_calls_and_the_latest_state_show_folded(serve, page: Page) -> None:
+    """Issue 14, item 4: a run's tool calls (name, arguments, result; folded) and its
+    latest state, in the chat."""
+    fed = Fed()
+    live = serve(runners=[fed], runner="fed")
+    chat = Chat(page, live).open("tools")
+    chat.send("use a tool")
+    started = {"tool_call_id": "c1", "name": "add", "arguments": {"a": 1, "b": 2}}
+    live.call(
+        fed.put,
+        {"type": "tool.call.started", "data": started},
+        {"type": "state.updated", "data": {"scope": "runner", "key": "state", "value": {"n": 1}}},
+    )
+    tool = page.locator("details.tool")
+    expect(tool.locator("summary")).to_have_text("Tool add: running…")
+    expect(tool).not_to_have_attribute("open", re.compile(".*"))  # folded by default
+    live.call(
+        fed.put,
+        {"type": "tool.call.completed", "data": {"tool_call_id": "c1", "name": "add", "result": 3}},
+        {"type": "state.updated", "data": {"scope": "runner", "key": "state", "value": {"n": 2}}},
+        completed("done"),
+        run_completed(),
+    )
+    expect(tool.locator("summary")).to_have_text("Tool add: done")
+    tool.locator("summary").click()
+    expect(tool.locator(".tool-io")).to_contain_text('"result": 3')
+    expect(tool.locator(".tool-io")).to_contain_text('"a": 1')
+    state = page.locator("details.state")
+    expect(state).to_have_count(1)  # one item per key, updated in place
+    expect(state.locator("summary")).to_have_text("State runner.state")
+    expect(state.locator(".tool-io")).to_have_text('{\n  "n": 2\n}')

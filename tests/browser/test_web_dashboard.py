@@ -1,6 +1,7 @@
-"""The runs dashboard in Chromium (issue 5, items 4 and 7): a live table of runs with
-filters and a cancel action, clients per conversation, live charts, one run's events,
-and a reconnect that starts again from a fresh snapshot."""
+"""The runs dashboard in Chromium (issue 5, items 4 and 7; issue 11, item 2): a live
+table of runs with filters and a cancel action, clients per conversation, live charts
+(active runs: the most at once in each second), one run's events, and a reconnect that
+starts again from a fresh snapshot."""
 
 from __future__ import annotations
 
@@ -32,6 +33,12 @@ def row(page: Page, run_id: str) -> Locator:
 
 def cells(row: Locator) -> Locator:
     return row.locator("td")
+
+
+def chart(page: Page, name: str, now: str = r"\d+", most: str = r"[1-9]\d*") -> None:
+    """Wait until the chart's text alternative says `now` and `most` (regexes)."""
+    label = re.compile(f"^{name}: {now} now, at most {most} over the last \\d+ s$")
+    expect(page.get_by_role("img", name=name)).to_have_attribute("aria-label", label)
 
 
 def open_dashboard(page: Page, live: LiveGateway) -> None:
@@ -67,6 +74,7 @@ def test_runs_update_live_filter_and_cancel(serve, context: BrowserContext, page
     expect(cells(work).nth(6)).to_have_text("0 / 1 / 0")
     expect(work.get_by_role("button", name=re.compile("^Cancel"))).to_have_count(0)
     expect(page.locator("#active-value")).to_have_text("0")
+    chart(page, "Active runs", now="0", most="1")  # however short the run was
 
     failed = post(live, "broken", client_msg_id="f1", text="/fail", runner="echo")["run_id"]
     expect(cells(row(page, failed)).first).to_have_text("failed · demo_failure")
@@ -89,9 +97,7 @@ def test_runs_update_live_filter_and_cancel(serve, context: BrowserContext, page
     page.get_by_role("searchbox", name="Conversation").fill("")
     expect(page.locator("#runs-body tr")).to_have_count(3)
 
-    for chart in ("Active runs", "Events per second"):
-        label = re.compile(f"^{chart}: \\d+ now, at most [1-9]\\d* over the last \\d+ s$")
-        expect(page.get_by_role("img", name=chart)).to_have_attribute("aria-label", label)
+    chart(page, "Events per second")
     assert page.evaluate("window.sameDocument") is True
 
     # A busy moment for the picture in the README: a run streaming and being steered.
@@ -108,6 +114,16 @@ def test_runs_update_live_filter_and_cancel(serve, context: BrowserContext, page
     expect(cells(row(page, tour["run_id"])).first).to_have_text("running")
     page.evaluate("document.activeElement.blur()")
     screenshot(page, "dashboard.png")
+
+
+def test_a_run_shorter_than_a_second_shows_on_the_active_runs_chart(serve, page: Page) -> None:
+    """Issue 11, item 2: the chart is each second's most at once, not a sample."""
+    live = serve()
+    open_dashboard(page, live)
+    chart(page, "Active runs", now="0", most="0")
+    failed = post(live, "brief", client_msg_id="b1", text="/fail", runner="echo")["run_id"]
+    expect(cells(row(page, failed)).first).to_have_text("failed · demo_failure")
+    chart(page, "Active runs", now="0", most="1")
 
 
 def test_open_a_run_to_see_its_events_live(serve, page: Page) -> None:
@@ -128,6 +144,26 @@ def test_open_a_run_to_see_its_events_live(serve, page: Page) -> None:
         ["user.message", "run.started", "message.delta", "message.completed", "run.ended"]
     )
     expect(detail.locator("dd").first).to_have_text("completed (stop)")
+    page.keyboard.press("Escape")
+    expect(detail).to_be_hidden()
+
+
+def test_a_queued_run_shows_when_it_moves_up(serve, page: Page) -> None:
+    """Issue 11, item 6: `queue.updated` has no run_id; a run's events list it for the
+    runs it moves."""
+    gated = Gated()
+    live = serve(runners=[gated], runner="gated")
+    open_dashboard(page, live)
+    first = post(live, "line", client_msg_id="m1", text="first")["run_id"]
+    post(live, "line", client_msg_id="m2", text="second", mode="queue")
+    third = post(live, "line", client_msg_id="m3", text="third", mode="queue")["run_id"]
+    row(page, third).get_by_role("button", name=f"Open run {third}").click()
+    detail = page.get_by_role("dialog", name=f"Run {third}")
+    events = detail.locator("#detail-events li")
+    expect(events.locator(".type")).to_have_text(["user.message", "run.queued"])
+    live.call(gated.release, first)
+    expect(events.locator(".type")).to_have_text(["user.message", "run.queued", "queue.updated"])
+    expect(events.last).to_contain_text("now position 1 of 1 queued")
     page.keyboard.press("Escape")
     expect(detail).to_be_hidden()
 

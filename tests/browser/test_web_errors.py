@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 
+import httpx
 import pytest
 from playwright.sync_api import Page, Route, WebSocketRoute, expect
 
@@ -195,3 +196,29 @@ def test_a_token_in_the_address_opens_a_secured_gateway(serve, page: Page) -> No
     assert message["author"] == "ops"
     page.goto(f"{live.url}/dashboard")  # the same tab: the token is kept
     expect(page.get_by_text("locked").first).to_be_visible()
+
+
+def test_a_user_token_lists_its_own_conversations(serve, page: Page) -> None:
+    """Issue 11, item 7: with a user token the conversation list is the token's own
+    conversations (no error), never another's."""
+    from gateway import auth
+
+    secret = "browser-test-secret-of-at-least-32-bytes"
+    live = serve(secret=secret)
+    admin = auth.mint(secret, "ops", "admin", 3600, (), ())
+    for cid in ("team-a", "private"):
+        response = httpx.post(
+            f"{live.url}/api/conversations/{cid}/messages",
+            json={"client_msg_id": "m1", "text": f"hello {cid}"},
+            headers={"authorization": f"Bearer {admin}"},
+            timeout=10,
+        )
+        assert response.status_code == 200, response.text
+    user = auth.mint(secret, "alice", "user", 3600, ("team-*",), ())
+    page.goto(f"{live.url}/?token={user}#team-b")
+    Chat(page, live)
+    expect(page.locator("body")).to_have_attribute("data-connection", "open")
+    nav = page.get_by_role("navigation", name="Conversations")
+    expect(nav.locator('a[data-cid="team-a"]')).to_be_visible()
+    expect(page.locator("#conversation-list-error")).to_be_hidden()
+    expect(nav.locator('a[data-cid="private"]')).to_have_count(0)

@@ -1,6 +1,7 @@
-"""The chat's ES modules on their own, in Chromium (issue 5, items 1 and 3): the Markdown
-renderer against hostile and ordinary input, the reconnect backoff, and the timeline's
-rule that an offset is applied once."""
+"""The chat's ES modules on their own, in Chromium (issue 5, items 1 and 3; issue 11,
+items 2 and 5): the Markdown renderer against hostile and ordinary input, titles as
+plain text, the reconnect backoff, the timeline's rule that an offset is applied once,
+and the dashboard's most-at-once per second."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ MARKDOWN = {
     "<script>alert(1)</script>": "<p>&lt;script&gt;alert(1)&lt;/script&gt;</p>",
     "[x](javascript:alert(1))": "<p>[x](javascript:alert(1))</p>",
     "[x](data:text/html,<b>)": "<p>[x](data:text/html,&lt;b&gt;)</p>",
-    "![pic](https://e.org/a.png)": f'<p>!<a href="https://e.org/a.png" {LINK}>pic</a></p>',
+    "![pic](https://e.org/a.png)": f'<p><a href="https://e.org/a.png" {LINK}>pic</a></p>',
+    "![x](javascript:alert(1)) a!": "<p>![x](javascript:alert(1)) a!</p>",
     '[ok](https://example.org "t")': f'<p><a href="https://example.org" {LINK}>ok</a></p>',
     "[mail](mailto:a@example.org)": f'<p><a href="mailto:a@example.org" {LINK}>mail</a></p>',
     '[q](https://x.org/"onclick="alert(1))': (
@@ -82,6 +84,36 @@ def test_markdown_is_rendered_safely(serve, page: Page) -> None:
     assert set(made) <= allowed
 
 
+# The first line a person reads, with no marks (issue 11, item 5).
+TITLES = {
+    "Tell me about **steering**": "Tell me about steering",
+    "  __Bold__ and *it*, _it_, ~~gone~~\nsecond line": "Bold and it, it, gone",
+    "# A heading #": "A heading",
+    "- first item\n- second": "first item",
+    "3. third": "third",
+    "> quoted `code` here": "quoted code here",
+    "[the docs](https://e.org/d) and ![a cat](https://e.org/c.png)": "the docs and a cat",
+    "see https://e.org/x.": "see https://e.org/x.",
+    "```py\nprint(1)\n```": "print(1)",
+    "---\n\n\\*literal\\* 2 * 3": "*literal* 2 * 3",
+    "<b>html</b> stays": "<b>html</b> stays",
+    "[x](javascript:alert(1))": "[x](javascript:alert(1))",
+    "a   lot\tof   space": "a lot of space",
+    "```\n\n```": "",
+    "é" * 100: "é" * 79 + "…",
+}
+
+PLAIN_TITLE = """async (cases) => {
+  const { plainTitle } = await import('/js/markdown.js');
+  return Object.fromEntries(cases.map((src) => [src, plainTitle(src)]));
+}"""
+
+
+def test_titles_are_the_text_a_person_reads(serve, page: Page) -> None:
+    blank(page, serve())
+    assert page.evaluate(PLAIN_TITLE, list(TITLES)) == TITLES
+
+
 BACKOFF = """async () => {
   const { LiveSocket } = await import('/js/socket.js');
   const socket = new LiveSocket({ url: () => '/', onFrame: () => {} });
@@ -131,3 +163,50 @@ def test_timeline_applies_each_offset_once(serve, page: Page) -> None:
     result = page.evaluate(TIMELINE, events)
     # a server whose head is below the cursor (its store was reset) means: start over
     assert result == {"text": "one two four", "last": 5, "behind": False}
+
+
+# Each entry: [what, time in ms, count]; "take" answers the closed seconds' peaks.
+PEAKS = """async (steps) => {
+  const { PeakPerSecond } = await import('/js/charts.js');
+  const peaks = new PeakPerSecond(10000, { keep: 5 });
+  const out = [];
+  for (const [what, now, count] of steps) {
+    if (what === 'take') out.push(peaks.take(now));
+    else peaks[what](count, now);
+  }
+  return out;
+}"""
+
+
+def test_active_runs_chart_keeps_each_seconds_most_at_once(serve, page: Page) -> None:
+    """Issue 11, item 2: runs that start and end between two ticks still count."""
+    blank(page, serve())
+    steps = [
+        ["set", 10100, 1],
+        ["set", 10200, 2],
+        ["set", 10300, 1],
+        ["set", 10400, 0],  # up to 2 and back to 0 within second 10
+        ["take", 10999, None],  # second 10 is not over yet
+        ["take", 11001, None],
+        ["set", 11500, 3],
+        ["take", 14000, None],  # 11 saw 3; 12 and 13 carry the count of 3
+        ["set", 14100, 0],  # 14 began at 3
+        ["take", 15000, None],
+        ["blip", 15200, 1],  # a run seen only once it had ended
+        ["take", 16000, None],
+        ["take", 17000, None],  # no change: the count, 0
+        ["set", 17000, 4],
+        ["take", 27500, None],  # a long gap: only the last `keep` seconds
+        ["set", 26000, 1],  # the clock went back: still second 27, whose peak is 4
+        ["take", 28000, None],
+    ]
+    assert page.evaluate(PEAKS, steps) == [
+        [],
+        [2],
+        [3, 3, 3],
+        [3],
+        [1],
+        [0],
+        [4, 4, 4, 4, 4],
+        [4],
+    ]

@@ -7,10 +7,11 @@
 // while offline wait in the timeline's outgoing list and go out on reconnect with
 // their original client_msg_id; the server's idempotency makes a resend appear once.
 
+import { plainTitle } from "./markdown.js";
 import { MessageList } from "./messages.js";
 import { Alert, ConnectionBanner, MAX_TEXT_CHARS, api, byId, duration, h, perFrame, plain, replace } from "./page.js";
 import { LiveSocket } from "./socket.js";
-import { Timeline } from "./timeline.js";
+import { Timeline, titleSource } from "./timeline.js";
 
 const CONVERSATION_ID = /^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$/;
 const TITLES_KEY = "steerway.titles";
@@ -42,6 +43,8 @@ const state = {
   resendTimer: null,
   resendDelay: 1000,
   wasActive: false,
+  titleSource: null, // the open conversation's timeline.title, last drawn
+  title: "", // and its plainTitle
 };
 
 const view = new MessageList(ui.messages, { onRetry: retry });
@@ -93,6 +96,8 @@ function open(cid) {
   clearTimeout(state.resendTimer);
   state.cid = cid;
   state.timeline = new Timeline(cid);
+  state.titleSource = null;
+  state.title = "";
   state.resendDelay = 1000;
   const timeline = state.timeline;
   state.socket = new LiveSocket({
@@ -128,7 +133,9 @@ function renderList() {
     { conversation_id: state.cid, active_run: null, last_activity: null };
   const rows = [current, ...items].map((c) => {
     const cid = c.conversation_id;
-    const title = names[cid] || (cid === state.cid && state.timeline.title) || (c.head ? cid : "New conversation");
+    // Titles kept by earlier versions are a raw first line: shown the same way.
+    const source = names[cid] || (cid === state.cid && state.timeline.title);
+    const title = (source && plainTitle(source)) || (c.head ? cid : "New conversation");
     const active = cid === state.cid ? Boolean(state.timeline.activeRunId) : Boolean(c.active_run);
     const when = c.last_activity ? `${duration(Date.now() - c.last_activity)} ago` : "not started";
     return h("li", {},
@@ -207,9 +214,13 @@ function retry(clientMsgId) {
 function render() {
   const { timeline } = state;
   view.draw(timeline);
-  if (timeline.title) remember(state.cid, timeline.title);
-  ui.title.textContent = timeline.title || "New conversation";
-  document.title = timeline.title ? `${timeline.title} · Steerway` : "Steerway";
+  if (timeline.title !== state.titleSource) {
+    state.titleSource = timeline.title;
+    state.title = timeline.title ? plainTitle(timeline.title) : "";
+    if (timeline.title) remember(state.cid, timeline.title);
+  }
+  ui.title.textContent = state.title || "New conversation";
+  document.title = state.title ? `${state.title} · Steerway` : "Steerway";
   const { active, queued, last } = timeline.status();
   ui.status.dataset.status = active ? active.status : last ? last.status : "idle";
   ui.status.textContent = statusText(active, queued, last);
@@ -268,7 +279,7 @@ function submit() {
   alertLine.hide();
   const { timeline, socket } = state;
   const frame = timeline.compose(text, timeline.activeRunId ? selectedMode() : "auto");
-  if (!timeline.title) remember(state.cid, text.trim().split("\n")[0].slice(0, 80));
+  if (!timeline.title) remember(state.cid, titleSource(text));
   timeline.sending(frame.client_msg_id, socket.send(frame));
   ui.input.value = "";
   autosize();

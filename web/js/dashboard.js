@@ -2,8 +2,10 @@
 // tables and charts. A snapshot sets everything; `run.updated`,
 // `conversation.updated` and `clients.updated` change it; a reconnect starts again
 // from a new snapshot. Events per second are the growth of conversation heads (each
-// event is one offset); active runs are the runs whose status is running.
+// event is one offset); active runs are the runs whose status is running, and its
+// chart shows, for each second, the most that were running at once in it.
 
+import { PeakPerSecond, Sparkline } from "./charts.js";
 import { Alert, ConnectionBanner, api, byId, duration, h, perFrame, plain, replace } from "./page.js";
 import { LiveSocket } from "./socket.js";
 
@@ -11,59 +13,6 @@ const MAX_ROWS = 500;
 const EVENT_PAGE = 5000;
 const MAX_DETAIL_EVENTS = 2000;
 const LIVE = new Set(["queued", "running"]);
-
-// --------------------------------------------------------------------------- charts
-
-// A small live chart: the last N values of a figure as an SVG line and area, with a
-// text alternative that says what it shows.
-const NS = "http://www.w3.org/2000/svg";
-const WIDTH = 240;
-const HEIGHT = 48;
-
-class Sparkline {
-  /**
-   * @param {SVGSVGElement} svg  an empty <svg role="img"> in the page
-   * @param {{label: string, points?: number}} options
-   */
-  constructor(svg, { label, points = 60 }) {
-    this.svg = svg;
-    this.label = label;
-    this.points = points;
-    this.values = [];
-    svg.setAttribute("viewBox", `0 0 ${WIDTH} ${HEIGHT}`);
-    svg.setAttribute("preserveAspectRatio", "none");
-    this.area = document.createElementNS(NS, "path");
-    this.area.setAttribute("class", "spark-area");
-    this.line = document.createElementNS(NS, "polyline");
-    this.line.setAttribute("class", "spark-line");
-    svg.append(this.area, this.line);
-    this.draw();
-  }
-
-  push(value) {
-    this.values.push(value);
-    if (this.values.length > this.points) this.values.shift();
-    this.draw();
-  }
-
-  draw() {
-    const values = this.values.length ? this.values : [0];
-    const max = Math.max(1, ...values);
-    const step = WIDTH / Math.max(1, this.points - 1);
-    const offset = (this.points - values.length) * step; // new values enter on the right
-    const coords = values.map((v, i) => [offset + i * step, HEIGHT - 2 - (v / max) * (HEIGHT - 4)]);
-    const line = coords.map(([x, y]) => `${x.toFixed(1)},${y.toFixed(1)}`).join(" ");
-    this.line.setAttribute("points", line);
-    const first = coords[0][0].toFixed(1);
-    const last = coords[coords.length - 1][0].toFixed(1);
-    this.area.setAttribute("d", `M${first},${HEIGHT} L${line.replaceAll(" ", " L")} L${last},${HEIGHT} Z`);
-    const now = values[values.length - 1];
-    this.svg.setAttribute(
-      "aria-label",
-      `${this.label}: ${now} now, at most ${Math.max(...values)} over the last ${values.length} s`,
-    );
-  }
-}
 
 const ui = {
   node: byId("node"),
@@ -90,6 +39,8 @@ const state = {
   clients: new Map(),
   node: null,
   events: 0, // events appended since the last chart tick
+  running: 0, // runs whose status is running
+  peaks: new PeakPerSecond(Date.now()), // of `running`, per second
   rows: new Map(), // run_id -> <tr>
   conversationRows: new Map(),
   detail: null, // {runId, after, count, loading, again}
@@ -120,9 +71,11 @@ function onFrame(frame) {
       state.conversations = new Map(frame.conversations.map((c) => [c.conversation_id, c]));
       state.clients = new Map(Object.entries(frame.clients));
       state.node = frame.node;
+      state.running = countRunning();
+      state.peaks.set(state.running, Date.now());
       break;
     case "run.updated":
-      state.runs.set(frame.run.run_id, frame.run);
+      runUpdated(frame.run);
       if (state.detail && state.detail.runId === frame.run.run_id) showDetail(frame.run.run_id);
       break;
     case "conversation.updated": {
@@ -145,6 +98,21 @@ function onFrame(frame) {
       return; // pong, or a frame type this page does not know
   }
   draw();
+}
+
+/** Keep the running count, and each second's peak of it, at every change of a run. */
+function runUpdated(run) {
+  const before = state.runs.get(run.run_id);
+  state.runs.set(run.run_id, run);
+  const was = Boolean(before) && before.status === "running";
+  const is = run.status === "running";
+  if (was !== is) {
+    state.running += is ? 1 : -1;
+    state.peaks.set(state.running, Date.now());
+  } else if (!is && run.started_at && !LIVE.has(run.status) && (!before || LIVE.has(before.status))) {
+    // It started and ended within one stored batch: running for a moment unseen.
+    state.peaks.blip(state.running + 1, Date.now());
+  }
 }
 
 // --------------------------------------------------------------------------- runs table
@@ -295,12 +263,12 @@ async function loadEvents() {
       if (state.detail !== detail) return;
       for (const e of data.events) {
         detail.after = e.offset;
-        if (e.run_id !== detail.runId || detail.count >= MAX_DETAIL_EVENTS) continue;
+        if (!concerns(e, detail.runId) || detail.count >= MAX_DETAIL_EVENTS) continue;
         detail.count += 1;
         ui.detailEvents.append(h("li", { dataset: { type: e.type } },
           h("span", { class: "offset mono" }, `#${e.offset}`), " ",
           h("span", { class: "type" }, e.type), " ",
-          h("span", { class: "summary" }, summary(e))));
+          h("span", { class: "summary" }, summary(e, detail.runId))));
       }
       ui.detailCount.textContent = `(${detail.count})`;
       if (data.events.length < EVENT_PAGE) break;
@@ -316,8 +284,18 @@ async function loadEvents() {
   }
 }
 
-function summary(e) {
+/** An event of this run, or a queue.updated that moved it (it has no run_id). */
+function concerns(e, runId) {
+  if (e.type === "queue.updated") return (e.runs || []).some((r) => r.run_id === runId);
+  return e.run_id === runId;
+}
+
+function summary(e, runId) {
   switch (e.type) {
+    case "queue.updated": {
+      const mine = (e.runs || []).find((r) => r.run_id === runId);
+      return mine ? `now position ${mine.position} of ${e.runs.length} queued` : `${e.runs.length} queued`;
+    }
     case "user.message": return `${e.route}: ${clip(e.text)}`;
     case "message.delta": return JSON.stringify(e.delta);
     case "message.completed": return clip(e.message.content);
@@ -325,8 +303,10 @@ function summary(e) {
     case "run.ended": return e.error ? `${e.status} (${e.reason}): ${e.error.message}` : `${e.status} (${e.reason})`;
     case "steering.absorbed": return `${e.message_ids.length} message(s)`;
     case "steering.dropped": return `${e.message_ids.length} message(s), ${e.reason}`;
-    case "tool.call.started": case "tool.call.completed": return e.name;
-    case "state.updated": return `${e.scope}.${e.key}`;
+    case "tool.call.started": return `${e.name}(${clip(JSON.stringify(e.arguments ?? null))})`;
+    case "tool.call.completed":
+      return "error" in e ? `${e.name} failed: ${clip(JSON.stringify(e.error))}` : `${e.name} → ${clip(JSON.stringify(e.result ?? null))}`;
+    case "state.updated": return `${e.scope}.${e.key} = ${clip(JSON.stringify(e.value))}`;
     default: return "";
   }
 }
@@ -341,23 +321,25 @@ function render() {
   order(ui.conversationsBody, visibleConversations().map(conversationRow));
   let waiting = 0;
   for (const run of state.runs.values()) if (LIVE.has(run.status)) waiting += (run.steering && run.steering.queued) || 0;
-  ui.activeValue.textContent = String(activeRuns());
+  ui.activeValue.textContent = String(state.running);
   ui.clientsValue.textContent = String([...state.clients.values()].reduce((a, b) => a + b, 0));
   ui.waitingValue.textContent = String(waiting);
   if (state.node) ui.node.textContent = `${state.node.name} · up ${duration(Date.now() - state.node.started_at)}`;
 }
 
-function activeRuns() {
+function countRunning() {
   let n = 0;
   for (const run of state.runs.values()) if (run.status === "running") n += 1;
   return n;
 }
 
+/** Once a second, just after the second turns, so each tick closes one whole second. */
 function tick() {
-  rateChart.push(state.events);
+  setTimeout(tick, 1000 - (Date.now() % 1000) + 20);
+  rateChart.push([state.events]);
   ui.rateValue.textContent = String(state.events);
   state.events = 0;
-  activeChart.push(activeRuns());
+  activeChart.push(state.peaks.take(Date.now()), state.running);
   render(); // ages and durations move on
 }
 
@@ -391,4 +373,4 @@ ui.detail.addEventListener("close", () => {
 window.addEventListener("error", (event) => alertLine.show(`Something went wrong on this page: ${event.message}. Reload to continue.`));
 
 socket.start();
-setInterval(tick, 1000);
+setTimeout(tick, 1000 - (Date.now() % 1000) + 20);

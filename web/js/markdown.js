@@ -6,7 +6,11 @@
 // targets. Supported: paragraphs (a single newline is a line break), fenced code
 // blocks (an unclosed fence, as while streaming, runs to the end), headings, lists
 // (nested by indentation), block quotes, rules, inline code, bold, italic,
-// strikethrough, links and bare URLs, backslash escapes.
+// strikethrough, links and bare URLs, images (as a link named by their alt text:
+// the page never loads them), backslash escapes.
+//
+// `plainText` and `plainTitle` read the same rendering back as the text a person
+// sees, for places that take no markup (a conversation's title).
 
 const FENCE = /^ {0,3}(`{3,}|~{3,})\s*([\w+#.-]*)\s*$/;
 const HEADING = /^ {0,3}(#{1,6})\s+(.*?)\s*#*\s*$/;
@@ -21,6 +25,41 @@ export function renderMarkdown(text) {
   const fragment = document.createDocumentFragment();
   blocks(String(text).replace(/\r\n?/g, "\n").split("\n"), fragment);
   return fragment;
+}
+
+const BLOCKS = new Set(["P", "PRE", "LI", "UL", "OL", "BLOCKQUOTE", "HR", "H3", "H4", "H5", "H6"]);
+
+/** Markdown `text` as the plain text a person reads: marks gone, links as their
+ * text, one line per block or line break. */
+export function plainText(text) {
+  const lines = [""];
+  const walk = (node) => {
+    for (const child of node.childNodes) {
+      if (child.nodeType === Node.TEXT_NODE) {
+        const [first, ...rest] = child.data.split("\n");
+        lines[lines.length - 1] += first;
+        lines.push(...rest); // the lines of a code block
+      } else if (child.nodeName === "BR") {
+        lines.push("");
+      } else if (BLOCKS.has(child.nodeName)) {
+        lines.push(""); // empty lines are dropped below
+        walk(child);
+        lines.push("");
+      } else {
+        walk(child);
+      }
+    }
+  };
+  walk(renderMarkdown(text));
+  return lines.map((line) => line.replace(/\s+/g, " ").trim()).filter(Boolean).join("\n");
+}
+
+/** A title for a conversation whose first message is `text`: the first line a person
+ * reads in it, at most `max` characters; "" when it has no text. */
+export function plainTitle(text, max = 80) {
+  const first = plainText(text).split("\n", 1)[0];
+  const chars = [...first];
+  return chars.length > max ? `${chars.slice(0, max - 1).join("").trimEnd()}…` : first;
 }
 
 function el(tag, ...children) {
@@ -182,10 +221,10 @@ export function inline(src) {
       i += run.length;
       continue;
     }
-    if (c === "[") {
-      const link = parseLink(src, i);
+    if (c === "[" || (c === "!" && src[i + 1] === "[")) {
+      const link = parseLink(src, c === "!" ? i + 1 : i);
       if (link) {
-        push(link.node);
+        push(link.safe || c === "[" ? link.node : document.createTextNode(src.slice(i, link.end)));
         i = link.end;
         continue;
       }
@@ -249,10 +288,11 @@ function parseLink(src, i) {
   if (end === -1) return null;
   const target = src.slice(close + 2, end).trim().split(/\s+/)[0] || "";
   // An unsafe target (javascript:, data:, a relative path) is shown as the text it is.
-  const node = SAFE_URL.test(target)
+  const safe = SAFE_URL.test(target);
+  const node = safe
     ? anchor(target, inline(src.slice(i + 1, close)))
     : document.createTextNode(src.slice(i, end + 1));
-  return { node, end: end + 1 };
+  return { node, safe, end: end + 1 };
 }
 
 function anchor(href, label) {

@@ -54,6 +54,7 @@ export class MessageList {
     if (item.kind === "user") this.drawUser(node, item, timeline);
     else if (item.kind === "assistant") this.drawAssistant(node, item);
     else if (item.kind === "tool") this.drawTool(node, item);
+    else if (item.kind === "state") this.drawState(node, item);
     else if (fresh) node.textContent = item.text;
   }
 
@@ -69,8 +70,8 @@ export class MessageList {
       return h("article", { class: "msg assistant", "aria-label": "Agent's message", "aria-live": "polite" },
         h("div", { class: "content markdown" }));
     }
-    if (item.kind === "tool") {
-      return h("details", { class: "tool" }, h("summary"), h("pre", { class: "tool-io" }));
+    if (item.kind === "tool" || item.kind === "state") {
+      return h("details", { class: item.kind }, h("summary"), h("pre", { class: "tool-io" }));
     }
     return h("p", { class: `notice pill status-${item.status}`, role: "note" });
   }
@@ -101,7 +102,7 @@ export class MessageList {
     if (item.steering === "followup") return [badge("Steering · became a follow-up run", "ok")];
     if (item.steering === "dropped") return [badge(`Steering · dropped: ${item.dropReason}`, "error")];
     const run = item.runId && timeline.runs.get(item.runId);
-    if (item.route === "queue" && run && run.status === "queued") return [badge(ROUTE_LABELS.queue, "waiting")];
+    if (item.route === "queue" && run && run.status === "queued") return [queuedBadge(run.position)];
     if (item.route === "interrupt") return [badge(ROUTE_LABELS.interrupt, "muted")];
     return [];
   }
@@ -120,6 +121,21 @@ export class MessageList {
     if (item.done) io[item.error !== undefined && item.error !== null ? "error" : "result"] = item.error ?? item.result;
     node.querySelector(".tool-io").textContent = JSON.stringify(io, null, 2);
   }
+
+  /** The latest value of one state key, folded like a tool call. */
+  drawState(node, item) {
+    node.querySelector("summary").textContent = `State ${item.name}`;
+    node.querySelector(".tool-io").textContent = JSON.stringify(item.value, null, 2);
+  }
+}
+
+/** A queued message's place in line: from run.queued, kept current by queue.updated. */
+function queuedBadge(position) {
+  if (typeof position !== "number") return badge(ROUTE_LABELS.queue, "waiting");
+  const when = position === 1 ? "runs next" : `runs after ${position - 1} more queued`;
+  const node = badge(`Queued · position ${position} · ${when}`, "waiting");
+  node.dataset.queuePosition = String(position);
+  return node;
 }
 
 function badge(text, tone) {

@@ -7,6 +7,7 @@
 //              event; `steering` is waiting | absorbed | followup | dropped
 //   assistant  streamed text of one assistant message (`done` once completed)
 //   tool       a tool call
+//   state      one state key (`scope.key`): its latest value, updated in place
 //   notice     how a run ended when it did not complete (failed, stopped, timed out)
 
 import { plain } from "./page.js";
@@ -15,6 +16,12 @@ const DROP_REASONS = {
   cancelled: "the run was stopped before the agent read it",
   run_ended: "the run ended before the agent read it",
 };
+
+/** What a conversation's title is made of: the start of its first message, as
+ * Markdown (chat.js shows it through `plainTitle`); cut to keep localStorage small. */
+export function titleSource(text) {
+  return text.trim().slice(0, 500);
+}
 
 export class Timeline {
   constructor(conversationId) {
@@ -33,7 +40,7 @@ export class Timeline {
     this.outgoing = new Map(); // client_msg_id -> frame: sent or to send, not yet answered
     this.changed = new Set();
     this.cleared = true;
-    this.title = null;
+    this.title = null; // the titleSource of the first user message
   }
 
   // ------------------------------------------------------------------ sending
@@ -180,10 +187,23 @@ const HANDLERS = {
       steering: e.route === "steer" ? item.steering || "waiting" : null,
     });
     this.byMessage.set(e.message_id, item);
-    if (!this.title) this.title = e.text.trim().split("\n")[0].slice(0, 80);
+    if (!this.title) this.title = titleSource(e.text);
   },
   "run.queued"(e) {
     this.run(e.run_id, { status: "queued", runner: e.runner, position: e.position });
+  },
+  "queue.updated"(e) {
+    // Every run still queued, in order: the positions replace what run.queued said.
+    const moved = new Set();
+    for (const { run_id: runId, position } of e.runs || []) {
+      const run = this.runs.get(runId);
+      if (run) run.position = position; // not re-inserted: it did not become the latest run
+      else this.run(runId, { status: "queued", position });
+      moved.add(runId);
+    }
+    for (const item of this.items) {
+      if (item.kind === "user" && moved.has(item.runId)) this.changed.add(item);
+    }
   },
   "run.started"(e) {
     this.run(e.run_id, { status: "running", runner: e.runner });
@@ -211,6 +231,11 @@ const HANDLERS = {
     const key = `t:${e.run_id}:${e.tool_call_id}`;
     const item = this.byKey.get(key) || this.add({ kind: "tool", key, runId: e.run_id, name: e.name });
     this.set(item, { done: true, result: e.result, error: e.error });
+  },
+  "state.updated"(e) {
+    const key = `s:${e.scope}.${e.key}`;
+    const item = this.byKey.get(key) || this.add({ kind: "state", key, name: `${e.scope}.${e.key}` });
+    this.set(item, { value: e.value, runId: e.run_id });
   },
   "steering.absorbed"(e) {
     this.steering(e.message_ids, { steering: "absorbed" });
