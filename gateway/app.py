@@ -16,10 +16,12 @@ from gateway import auth
 from gateway.agui.endpoint import AguiEndpoint
 from gateway.auth import Refused
 from gateway.bus import Bus, MemoryBus
+from gateway.cluster.node import ClusterNode
 from gateway.config import Settings
 from gateway.conversation import ConversationHub
 from gateway.core.limits import ConnectionSlots
 from gateway.dashboard import DashboardSocket
+from gateway.errors import SteerwayError
 from gateway.metrics import Metrics
 from gateway.protocol.codes import ErrorCode
 from gateway.rest import Api, error
@@ -72,6 +74,12 @@ def create_app(
     async def healthz(request: Request) -> Response:
         return PlainTextResponse("ok")
 
+    cluster = (
+        ClusterNode.attach(hub, settings.redis_url, settings.lease_s)
+        if settings.redis_url
+        else None
+    )
+
     async def readyz(request: Request) -> Response:
         try:
             await store.ping()
@@ -79,6 +87,11 @@ def create_app(
             return error(ErrorCode.INTERNAL, "the store does not answer")
         if not hub.committer.healthy:
             return error(ErrorCode.INTERNAL, "store writes are failing")
+        if cluster is not None:
+            try:
+                await cluster.ping()
+            except SteerwayError as exc:
+                return error(ErrorCode.INTERNAL, exc.message)
         return PlainTextResponse("ready")
 
     async def metrics_endpoint(request: Request) -> Response:
@@ -119,13 +132,19 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         hub.start()
+        if cluster is not None:
+            await cluster.start()
         await hub.recover()
         if not settings.secret_key:
             log.warning(OPEN_WARNING)
         try:
             yield
         finally:
+            if cluster is not None:
+                cluster.drain()
             await hub.shutdown(settings.shutdown_grace_s)
+            if cluster is not None:
+                await cluster.stop()
 
     auth.redact_logs()
     app = Starlette(routes=routes, lifespan=lifespan)

@@ -4,16 +4,23 @@ binds port 0 and logs the port it got), stopped by their pid."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import orjson
+import websockets
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP = 30.0
+WITHIN = 20.0
 
 
 @dataclass
@@ -97,3 +104,39 @@ def alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+class Reader:
+    """A conversation socket that keeps every frame and waits for the ones it needs."""
+
+    def __init__(self, ws: websockets.ClientConnection) -> None:
+        self.ws = ws
+        self.frames: list[dict[str, Any]] = []
+
+    async def until(self, kind: str, **match: Any) -> dict[str, Any]:
+        for frame in self.frames:
+            if frame["type"] == kind and all(frame.get(k) == v for k, v in match.items()):
+                return frame
+        async with asyncio.timeout(WITHIN):
+            while True:
+                frame = orjson.loads(await self.ws.recv())
+                self.frames.append(frame)
+                if frame["type"] == kind and all(frame.get(k) == v for k, v in match.items()):
+                    return frame
+
+    async def send(self, text: str, key: str, **fields: Any) -> dict[str, Any]:
+        frame = {"type": "message", "client_msg_id": key, "text": text, **fields}
+        await self.ws.send(orjson.dumps(frame).decode())
+        return await self.until("ack", client_msg_id=key)
+
+    def offsets(self) -> list[int]:
+        return [f["offset"] for f in self.frames if f["type"] not in ("ready", "ack")]
+
+
+@contextlib.asynccontextmanager
+async def reader(proc: GatewayProcess | Any, cid: str, after: int) -> AsyncIterator[Reader]:
+    """A Reader on `proc` (anything with a `ws` base URL), once it has its `ready`."""
+    async with websockets.connect(f"{proc.ws}/ws/conversations/{cid}?after={after}") as ws:
+        r = Reader(ws)
+        await r.until("ready")
+        yield r

@@ -4,20 +4,16 @@ gateway killed mid-run is taken over by the next one on the same store."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import httpx
-import orjson
-import websockets
 
 from store.embedded import EmbeddedMongo
-from tests.processes import GatewayProcess, alive, spawn_gateway
+from tests.processes import GatewayProcess, alive, reader, spawn_gateway
 
 WITHIN = 20.0
 ENV = {"STEERWAY_STORE": "auto", "STEERWAY_MONGODB_URI": "", "STEERWAY_ECHO_DELAY_MS": "1"}
@@ -34,41 +30,6 @@ async def gateway(data_dir: Path) -> AsyncIterator[GatewayProcess]:
 
 def nx_pid(data_dir: Path) -> int:
     return int((data_dir / "nx-27017.pid").read_text().strip())
-
-
-class Reader:
-    """A conversation socket that keeps every frame and waits for the ones it needs."""
-
-    def __init__(self, ws: websockets.ClientConnection) -> None:
-        self.ws = ws
-        self.frames: list[dict[str, Any]] = []
-
-    async def until(self, kind: str, **match: Any) -> dict[str, Any]:
-        for frame in self.frames:
-            if frame["type"] == kind and all(frame.get(k) == v for k, v in match.items()):
-                return frame
-        async with asyncio.timeout(WITHIN):
-            while True:
-                frame = orjson.loads(await self.ws.recv())
-                self.frames.append(frame)
-                if frame["type"] == kind and all(frame.get(k) == v for k, v in match.items()):
-                    return frame
-
-    async def send(self, text: str, key: str, **fields: Any) -> dict[str, Any]:
-        frame = {"type": "message", "client_msg_id": key, "text": text, **fields}
-        await self.ws.send(orjson.dumps(frame).decode())
-        return await self.until("ack", client_msg_id=key)
-
-    def offsets(self) -> list[int]:
-        return [f["offset"] for f in self.frames if f["type"] not in ("ready", "ack")]
-
-
-@contextlib.asynccontextmanager
-async def reader(proc: GatewayProcess, cid: str, after: int) -> AsyncIterator[Reader]:
-    async with websockets.connect(f"{proc.ws}/ws/conversations/{cid}?after={after}") as ws:
-        r = Reader(ws)
-        await r.until("ready")
-        yield r
 
 
 async def test_embedded_store_is_the_default_and_survives_restarts_and_kill_9(
