@@ -217,6 +217,10 @@ def test_dockerfile_is_slim_non_root_with_healthcheck() -> None:
     assert "HEALTHCHECK" in docker
     assert "/healthz" in docker
     assert '"steerway", "serve"' in docker
+    # the image installs the wheel, which carries the pages: no setting points at them
+    assert re.search(r"^RUN pip wheel .*--wheel-dir /dist \.$", docker, re.M)
+    assert re.search(r"^RUN pip install /dist/steerway-\*\.whl", docker, re.M)
+    assert "STEERWAY_WEB_DIR" not in docker
 
 
 def test_ci_fails_when_no_test_ran(tmp_path: Path) -> None:
