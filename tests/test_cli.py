@@ -169,12 +169,17 @@ def test_a_bad_setting_is_one_line_and_status_2_before_anything_listens(
     assert "s3cr3t" not in done.stderr
 
 
-async def test_bad_settings_name_no_secret_of_a_uri() -> None:
+def test_store_uris_are_checked_without_connecting() -> None:
     with pytest.raises(ConfigError) as raised:
         Settings.load(environ={"STEERWAY_MONGODB_URI": "mongodb://me:hunter2@db:99999/x"})
-    assert raised.value.problems == [
+    assert raised.value.problems == [  # and no password in it
         "STEERWAY_MONGODB_URI: not a valid MongoDB URI: Port must be an integer between 0 and 65535"
     ]
+    good = "mongodb://me:pw@db-1:27017,db-2/steerway?replicaSet=rs0"
+    assert Settings.load(environ={"STEERWAY_STORE": good}).store == good
+    # checking a mongodb+srv:// URI would resolve DNS: the store checks it when it connects
+    srv = "mongodb+srv://cluster.invalid/"
+    assert Settings.load(environ={"STEERWAY_MONGODB_URI": srv}).mongodb_uri == srv
 
 
 async def test_serve_runs_a_real_process() -> None:
