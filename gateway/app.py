@@ -45,10 +45,9 @@ async def open_store(settings: Settings, stack: contextlib.AsyncExitStack) -> St
     if settings.store == "memory":
         log.warning("store: memory; nothing survives a restart")
         return MemoryStore()
+    # the settings hold `auto`, `memory` or a URI (gateway/config.py checks it)
     uri = settings.mongodb_uri if settings.store == "auto" else settings.store
-    if not uri.startswith(("mongodb://", "mongodb+srv://")):
-        if settings.store != "auto":
-            raise ValueError(f"store {settings.store!r}: `memory`, `auto` or a mongodb:// URI")
+    if not uri:
         server = await stack.enter_async_context(await EmbeddedMongo.start(settings.data_dir))
         log.info("store: embedded nx-27017 on %s, data in %s", server.uri, settings.data_dir)
         uri = server.uri
@@ -120,14 +119,13 @@ def create_app(
         WebSocketRoute("/ws/runners", RunnerSocket(hub, pool, connections)),
         WebSocketRoute("/ws/dashboard", DashboardSocket(hub, connections)),
     ]
-    if settings.web_dir.is_dir():
-        dashboard_page = settings.web_dir / "dashboard.html"
+    dashboard_page = settings.web_dir / "dashboard.html"
 
-        async def dashboard(request: Request) -> Response:
-            return FileResponse(dashboard_page)
+    async def dashboard(request: Request) -> Response:
+        return FileResponse(dashboard_page)
 
-        routes.append(Route("/dashboard", dashboard))
-        routes.append(Mount("/", StaticFiles(directory=settings.web_dir, html=True), name="web"))
+    routes.append(Route("/dashboard", dashboard))
+    routes.append(Mount("/", StaticFiles(directory=settings.web_dir, html=True), name="web"))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -18,6 +18,8 @@ import uvloop
 from gateway import auth
 from gateway.app import create_app, open_store
 from gateway.config import Settings
+from gateway.errors import ConfigError
+from gateway.runners.registry import RunnerRegistry, local_runners
 from gateway.wsserver import SteerwayHttpToolsProtocol, connection_options
 
 
@@ -97,11 +99,11 @@ class _Server(uvicorn.Server):
         self._captured_signals.clear()
 
 
-async def run_server(settings: Settings) -> None:
+async def run_server(settings: Settings, runners: RunnerRegistry | None = None) -> None:
     """Open the store, serve until told to stop, then close the store."""
     async with contextlib.AsyncExitStack() as stack:
         store = await open_store(settings, stack)
-        app = create_app(settings, store=store)
+        app = create_app(settings, store=store, runners=runners)
         config = uvicorn.Config(
             app,
             host=settings.host,
@@ -118,11 +120,11 @@ async def run_server(settings: Settings) -> None:
         await _Server(config).serve()
 
 
-def serve(settings: Settings) -> None:
+def serve(settings: Settings, runners: RunnerRegistry) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
     )
-    uvloop.run(run_server(settings))
+    uvloop.run(run_server(settings, runners))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -130,13 +132,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     flags = vars(args) if args.command == "serve" else {}
     overrides = {k: v for k, v in flags.items() if k != "command" and v is not None}
     try:
+        # every setting is checked here, before the store starts or anything listens
         settings = Settings.load(overrides)
-    except ValueError as exc:
-        print(f"steerway: {exc}", file=sys.stderr)
+        if args.command == "token":
+            return token(args, settings)
+        runners = local_runners(settings)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"steerway: {problem}", file=sys.stderr)
         return 2
-    if args.command == "token":
-        return token(args, settings)
-    serve(settings)
+    serve(settings, runners)
     return 0
 
 

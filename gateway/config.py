@@ -7,10 +7,52 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
+from pymongo import uri_parser
+from pymongo.errors import PyMongoError
+
+from gateway.errors import ConfigError
 
 ENV_PREFIX = "STEERWAY_"
-_REPO_WEB = Path(__file__).resolve().parent.parent / "web"
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def _pages() -> Path:
+    """The chat and the dashboard: `gateway/web/` in an installed wheel (pyproject.toml maps
+    the repository's web/ there), else the checkout's web/ (a source checkout or an editable
+    install, which so serves the live files)."""
+    installed = _PACKAGE / "web"
+    return installed if installed.is_dir() else _PACKAGE.parent / "web"
+
+
+def _check_mongodb_uri(uri: str) -> str:
+    if not uri.startswith(("mongodb://", "mongodb+srv://")):
+        raise ValueError("expected a mongodb:// or mongodb+srv:// URI")
+    if uri.startswith("mongodb://"):
+        # parsing a mongodb+srv:// URI resolves its DNS records: the store checks that one
+        # when it connects
+        try:
+            uri_parser.parse_uri(uri)
+        except (PyMongoError, ValueError) as exc:
+            raise ValueError(f"not a valid MongoDB URI: {exc}") from None
+    return uri
+
+
+def flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def variable(field: str) -> str:
+    return ENV_PREFIX + field.upper()
 
 
 class Settings(BaseModel):
@@ -78,8 +120,38 @@ class Settings(BaseModel):
     lease_s: float = Field(
         10.0, ge=1.0, description="cluster: a lost node's conversations are taken over within"
     )
-    web_dir: Path = _REPO_WEB
-    log_level: str = "info"
+    web_dir: Path = Field(default_factory=_pages, description="the pages: index.html, ...")
+    log_level: str = Field("info", description=", ".join(LOG_LEVELS))
+    # the fields given as flags, so that an error names the setting as it was given
+    _flags: frozenset[str] = PrivateAttr(frozenset())
+
+    @field_validator("store")
+    @classmethod
+    def _store(cls, value: str) -> str:
+        if value in ("memory", "auto"):
+            return value
+        if not value.startswith(("mongodb://", "mongodb+srv://")):
+            raise ValueError("expected `memory`, `auto` or a mongodb:// URI")
+        return _check_mongodb_uri(value)
+
+    @field_validator("mongodb_uri")
+    @classmethod
+    def _mongodb_uri(cls, value: str) -> str:
+        return _check_mongodb_uri(value) if value else value
+
+    @field_validator("web_dir")
+    @classmethod
+    def _web_dir(cls, value: Path) -> Path:
+        if not value.is_dir():
+            raise ValueError(f"{str(value)!r} is not a directory")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        if value.lower() not in LOG_LEVELS:
+            raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}")
+        return value.lower()
 
     @field_validator("secret")
     @classmethod
@@ -93,11 +165,17 @@ class Settings(BaseModel):
     def secret_key(self) -> str:
         return self.secret.get_secret_value()
 
+    def name_of(self, field: str) -> str:
+        """The setting `field` as the operator gave it: its flag, else its variable."""
+        return flag(field) if field in self._flags else variable(field)
+
     @classmethod
     def load(
         cls, overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
     ) -> Settings:
-        """Defaults < environment < `overrides` (flags given on the command line)."""
+        """Defaults < environment < `overrides` (flags given on the command line).
+
+        Raises ConfigError naming each bad setting as it was given."""
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for name, info in cls.model_fields.items():
@@ -110,5 +188,17 @@ class Settings(BaseModel):
                 values[name] = raw.strip().lower() in ("1", "true", "yes", "on")
             else:
                 values[name] = raw
-        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-        return cls.model_validate(values, strict=False)
+        flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+        values.update(flags)
+        try:
+            settings = cls.model_validate(values, strict=False)
+        except ValidationError as exc:
+            problems = []
+            for error in exc.errors(include_url=False):
+                field = str(error["loc"][0]) if error["loc"] else ""
+                name = flag(field) if field in flags else variable(field)
+                # a validator's ValueError reads "Value error, <its message>"
+                problems.append((name, error["msg"].removeprefix("Value error, ")))
+            raise ConfigError(*problems) from None
+        settings._flags = frozenset(flags)
+        return settings

@@ -1,4 +1,5 @@
-"""The one error hierarchy: every refusal the gateway answers a client with."""
+"""The one error hierarchy: every refusal the gateway answers a client with, and the
+error of a bad setting, which stops `steerway serve` before it listens."""
 
 from __future__ import annotations
 
@@ -40,3 +41,13 @@ class StoreUnavailable(SteerwayError):
     """The store did not answer; nothing was stored."""
 
     code = ErrorCode.INTERNAL
+
+
+class ConfigError(ValueError):
+    """Bad settings: one line per problem, each naming the setting as the operator gave
+    it (a flag, a STEERWAY_* variable, a section of the runners config)."""
+
+    def __init__(self, *problems: tuple[str, str]) -> None:
+        # one line each, whatever the message of the exception it came from
+        self.problems = [" ".join(f"{setting}: {what}".split()) for setting, what in problems]
+        super().__init__("; ".join(self.problems))

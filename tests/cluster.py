@@ -122,12 +122,18 @@ class Nginx:
                 await self.proc.wait()
 
 
-async def start_nginx(directory: Path, ports: list[int]) -> Nginx:
+def _nginx_conf(directory: Path, ports: list[int], port: int) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    port = free_port()
     servers = "\n".join(f"        server 127.0.0.1:{p} max_fails=0;" for p in ports)
     conf = directory / "nginx.conf"
     conf.write_text(NGINX_CONF.format(dir=directory, servers=servers, port=port))
+    return conf
+
+
+async def start_nginx(directory: Path, ports: list[int]) -> Nginx:
+    """nginx on a free port, round-robin over `ports`, with no stickiness."""
+    port = free_port()
+    conf = _nginx_conf(directory, ports, port)
     proc = await asyncio.create_subprocess_exec(
         NGINX, "-c", str(conf), "-p", str(directory), "-e", str(directory / "error.log"),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -10,7 +10,7 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,12 +56,15 @@ class GatewayProcess:
             await self.drain
 
 
-async def spawn_gateway(*args: str, env: dict[str, str] | None = None) -> GatewayProcess:
-    """`steerway serve --port 0 ARGS`, once it serves."""
+async def spawn_gateway(
+    *args: str,
+    env: dict[str, str] | None = None,
+    command: Sequence[str | Path] = (sys.executable, "-m", "gateway.cli"),
+    cwd: Path = ROOT,
+) -> GatewayProcess:
+    """`steerway serve --port 0 ARGS` (`command` is the `steerway`), once it serves."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway.cli",
+        *command,
         "serve",
         "--port",
         "0",
@@ -69,7 +72,7 @@ async def spawn_gateway(*args: str, env: dict[str, str] | None = None) -> Gatewa
         env={**os.environ, "STEERWAY_LOG_LEVEL": "info", **(env or {})},
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
-        cwd=ROOT,
+        cwd=cwd,
     )
     assert proc.stderr is not None
     lines: list[str] = []

@@ -4,9 +4,6 @@ end-to-end test. Every server is started on a free port and stopped by its pid."
 
 from __future__ import annotations
 
-import asyncio
-import os
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -14,9 +11,8 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-import websockets
 
-from tests.cluster import LEASE_S, WITHIN, Cluster, cluster, start_nginx
+from tests.cluster import WITHIN, cluster
 from tests.processes import GatewayProcess, Reader, reader
 
 pytestmark = pytest.mark.slow
@@ -77,7 +73,7 @@ async def test_one_stream_and_one_writer_across_nodes(tmp_path: Path) -> None:
             await on_c.until("run.ended", run_id=first["run_id"])
             # a message through b: forwarded to a, acked on b once stored
             second = await on_b.send("/sleep 30", "m2")
-            assert second["route"] == "run" and second["duplicate"] is False
+            assert (second["route"], second["duplicate"]) == ("run", False)
             await on_a.until("run.started", run_id=second["run_id"])
             # the same key through c: the first ack, duplicate
             again = await on_c.send("anything else", "m2")

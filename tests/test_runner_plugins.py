@@ -99,7 +99,7 @@ def test_options_from_a_file_and_the_environment(tmp_path: Path) -> None:
         ("[runners.x]\ndeadline_s = -1\n", {}, "deadline_s"),
         ("[other]\n", {}, "only [runners.<name>]"),
         ("[runners]\nx = 1\n", {}, "must be a table"),
-        ("not toml [", {}, "runners config"),
+        ("not toml [", {}, "is not TOML"),
         ("", {"STEERWAY_RUNNERS__X": "1"}, "<NAME>__<OPTION>"),
         ("", {"STEERWAY_RUNNERS__X__IDLE_S": "soon"}, "idle_s"),
     ],

@@ -26,6 +26,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from gateway.errors import ConfigError
+
 ENV_PREFIX = "STEERWAY_RUNNERS__"
 COMMON = ("supports_steering", "leftover_steering", "deadline_s", "idle_s")
 
@@ -52,24 +54,29 @@ def env_key(name: str) -> str:
 
 
 def load_options(
-    path: Path | str | None, environ: Mapping[str, str] | None = None
+    path: Path | str | None,
+    environ: Mapping[str, str] | None = None,
+    setting: str = "STEERWAY_RUNNERS_CONFIG",
 ) -> dict[str, RunnerOptions]:
-    """Every configured runner's options, by name; raises ValueError on a bad file or value."""
+    """Every configured runner's options, by name; raises ConfigError on a bad file (naming
+    it as `setting`), variable or value."""
     env = os.environ if environ is None else environ
     sections: dict[str, dict[str, Any]] = {}
     if path:
         try:
             with open(path, "rb") as fh:
                 doc = tomllib.load(fh)
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ValueError(f"runners config {str(path)!r}: {exc}") from None
+        except OSError as exc:
+            raise ConfigError((setting, f"cannot read {str(path)!r}: {exc.strerror}")) from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError((setting, f"{str(path)!r} is not TOML: {exc}")) from None
         runners = doc.get("runners", {})
         unknown = set(doc) - {"runners"}
         if unknown or not isinstance(runners, dict):
-            raise ValueError(f"runners config {str(path)!r}: expected only [runners.<name>] tables")
+            raise ConfigError((setting, f"{str(path)!r}: expected only [runners.<name>] tables"))
         for name, table in runners.items():
             if not isinstance(table, dict):
-                raise ValueError(f"runners config: [runners.{name}] must be a table")
+                raise ConfigError((setting, f"{str(path)!r}: [runners.{name}] must be a table"))
             sections[name] = dict(table)
     by_key = {env_key(name): name for name in sections}
     for key, value in env.items():
@@ -77,7 +84,7 @@ def load_options(
             continue
         runner_key, sep, option = key[len(ENV_PREFIX) :].partition("__")
         if not sep or not runner_key or not option:
-            raise ValueError(f"{key}: expected {ENV_PREFIX}<NAME>__<OPTION>")
+            raise ConfigError((key, f"expected {ENV_PREFIX}<NAME>__<OPTION>"))
         name = by_key.setdefault(runner_key, runner_key.lower())
         sections.setdefault(name, {})[option.lower()] = value
     out: dict[str, RunnerOptions] = {}
@@ -85,9 +92,12 @@ def load_options(
         try:
             out[name] = RunnerOptions.model_validate(table)
         except ValidationError as exc:
-            first = exc.errors(include_url=False)[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise ValueError(f"runner {name!r}: {where}: {first['msg']}") from None
+            raise ConfigError(
+                *(
+                    (f"[runners.{name}] {'.'.join(str(p) for p in error['loc'])}", error["msg"])
+                    for error in exc.errors(include_url=False)
+                )
+            ) from None
     return out
 
 

@@ -7,14 +7,18 @@ conversation may use is served by the remote runners that announce it.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from importlib.metadata import entry_points
 from typing import Any, Protocol, cast
 
-from gateway.config import Settings
+from pydantic import ValidationError
+
+from gateway.config import Settings, variable
 from gateway.core.conversation import RunnerSpec
+from gateway.errors import ConfigError
 from gateway.runners.base import Runner
 from gateway.runners.options import RunnerOptions, apply_common, load_options
 from gateway.runners.remote import RemotePool
@@ -123,16 +127,38 @@ def load_runner(spec: str) -> Runner:
     return make_runner(spec)
 
 
+@contextlib.contextmanager
+def _blame(setting: str, use: str) -> Iterator[None]:
+    """A runner that cannot be made (no such module or name, a factory refusing its
+    options) is a bad setting: one line naming it, not a traceback."""
+    try:
+        yield
+    except ValidationError as exc:  # a factory checking its options with pydantic
+        raise ConfigError(
+            *(
+                (setting, f"runner {use!r}: {'.'.join(map(str, e['loc']))}: {e['msg']}")
+                for e in exc.errors(include_url=False)
+            )
+        ) from exc
+    except Exception as exc:
+        what = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+        if not what.startswith("runner "):
+            what = f"runner {use!r}: {what}"
+        raise ConfigError((setting, what)) from exc
+
+
 def build_registry(
     echo_delay_ms: float,
     extra: list[str] | None = None,
     options: Mapping[str, RunnerOptions] | None = None,
+    extra_setting: str = variable("runners"),
 ) -> tuple[RunnerRegistry, dict[str, RunnerOptions]]:
     """The in-process runners, and the options of the names left to remote runners.
 
     `echo` always; every installed `steerway.runners` entry point (one that fails to
     load is logged and skipped: the gateway still serves); the runners `extra` names
-    (`--runners`); every configured section that names an in-process runner."""
+    (`--runners`, given as `extra_setting`); every configured section that names an
+    in-process runner. A runner that cannot be made raises ConfigError."""
     options = dict(options or {})
     registry = RunnerRegistry()
 
@@ -144,7 +170,8 @@ def build_registry(
 
     echo = options.get("echo")
     if echo is None or echo.use in (None, "echo"):
-        add("echo", "echo", delay_ms=echo_delay_ms)
+        with _blame("[runners.echo]", "echo"):
+            add("echo", "echo", delay_ms=echo_delay_ms)
     for point in entry_points(group=ENTRY_POINT_GROUP):
         if point.name in options and options[point.name].use is not None:
             continue  # configured to be something else
@@ -153,16 +180,18 @@ def build_registry(
         except Exception as exc:
             log.error("runner entry point %s (%s) failed to load: %s", point.name, point.value, exc)
     for spec in extra or []:
-        if ":" in spec:  # named by itself: its options are under that name
-            own = getattr(resolve(spec), "name", None)
-            add(spec, None, own if isinstance(own, str) else None)
-        else:
-            add(spec, spec)
+        with _blame(extra_setting, spec):
+            if ":" in spec:  # named by itself: its options are under that name
+                own = getattr(resolve(spec), "name", None)
+                add(spec, None, own if isinstance(own, str) else None)
+            else:
+                add(spec, spec)
     for name, opts in options.items():
-        if opts.use is not None:
-            add(opts.use, name)
-        elif name in BUILTIN and registry.local(name) is None:
-            add(name, name)
+        with _blame(f"[runners.{name}]", opts.use or name):
+            if opts.use is not None:
+                add(opts.use, name)
+            elif name in BUILTIN and registry.local(name) is None:
+                add(name, name)
     remote: dict[str, RunnerOptions] = {}
     for name, opts in options.items():
         runner = registry.local(name)
@@ -173,16 +202,30 @@ def build_registry(
     return registry, remote
 
 
+def local_runners(settings: Settings) -> RunnerRegistry:
+    """The in-process runners the settings and the runners config name; raises ConfigError
+    (`steerway serve` calls it before it listens)."""
+    options = load_options(settings.runners_config, setting=settings.name_of("runners_config"))
+    registry, _ = build_registry(
+        settings.echo_delay_ms, settings.runners, options, settings.name_of("runners")
+    )
+    return registry
+
+
 def open_runners(
     settings: Settings, runners: RunnerRegistry | None = None
 ) -> tuple[RunnerRegistry, RemotePool]:
     """The gateway's runners: in-process ones (`runners`, else built from the settings and
     the runners config), and the pool of remote runners serving every other name."""
-    options = load_options(settings.runners_config)
     if runners is None:
-        runners, options = build_registry(settings.echo_delay_ms, settings.runners, options)
-    else:
-        options = {name: opts for name, opts in options.items() if runners.local(name) is None}
+        runners = local_runners(settings)
+    options = {
+        name: opts
+        for name, opts in load_options(
+            settings.runners_config, setting=settings.name_of("runners_config")
+        ).items()
+        if runners.local(name) is None
+    }
     default = () if runners.local(settings.runner) is not None else (settings.runner,)
     if default:
         log.info("default runner %r is not in-process: remote runners serve it", settings.runner)
