@@ -128,6 +128,9 @@ class Ownership(Protocol):
     def valid(self) -> bool:
         """This node may write: its leases are live."""
 
+    def holds(self, conversation_id: str) -> bool:
+        """This node holds the conversation's lease, and may write it."""
+
     async def acquire(self, conversation_id: str) -> str | None:
         """Take the conversation's lease: None when this node holds it now, else the node
         that does. Raises StoreUnavailable when the cluster cannot be asked."""
@@ -202,6 +205,12 @@ class ConversationActor:
     async def describe(self) -> None:
         return None  # the actor's own state is always current
 
+    def fence(self) -> None:
+        """Cluster mode: this node no longer holds the lease; stop writing at once."""
+        if self.log.conflict is None:
+            self.log.conflict = StoreConflict(self.conversation_id, "the lease moved")
+            self._conflicted()
+
     def _conflicted(self) -> None:
         """The store refused a batch: another node runs this conversation now. Stop (at
         once if waiting for input, else after the step under way: its inputs are
@@ -267,7 +276,7 @@ class ConversationActor:
                 _fail(item, exc)
         fx = self.machine.take_effects()
         cluster = self.hub.cluster
-        if fx and cluster is not None and not cluster.valid():
+        if fx and cluster is not None and not cluster.holds(self.conversation_id):
             # The lease may have lapsed (Redis unreachable): another node may run this
             # conversation by now, so nothing more is written here; the actor stops.
             lapsed = StoreConflict(self.conversation_id, "this node's lease lapsed")
@@ -586,8 +595,10 @@ class ConversationHub:
         """The conversation's actor, started (and its state loaded) on first use; in a
         cluster, a proxy when another node runs it."""
         actor = self.actors.get(conversation_id)
-        if actor is not None and not actor.stopped:
-            return actor
+        if actor is not None and not actor.stopped and actor.log.conflict is None:
+            if self.cluster is None or self.cluster.holds(conversation_id):
+                return actor
+            actor.fence()  # its lease lapsed or moved: it writes nothing more
         loading = self._loading.get(conversation_id)
         if loading is not None:
             return await asyncio.shield(loading)

@@ -157,6 +157,15 @@ class Cluster:
     nodes: list[GatewayProcess] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
 
+    async def holder(self, conversation_id: str) -> str | None:
+        """The node that holds a conversation's lease, as Redis says."""
+        client = Redis(port=self.redis.port)
+        try:
+            value = await client.get(f"steerway:lease:{conversation_id}")
+        finally:
+            await client.aclose()
+        return None if value is None else value.decode().split(" ", 1)[0]
+
     async def add(self, name: str, *args: str) -> GatewayProcess:
         node = await spawn_gateway("--store", self.mongo.uri, *args, env={
             **self.env, "STEERWAY_NODE": name,

@@ -4,6 +4,9 @@ end-to-end test. Every server is started on a free port and stopped by its pid."
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -12,7 +15,7 @@ import httpx
 import orjson
 import pytest
 
-from tests.cluster import WITHIN, cluster
+from tests.cluster import LEASE_S, WITHIN, cluster, start_nginx
 from tests.processes import GatewayProcess, Reader, reader
 
 pytestmark = pytest.mark.slow
@@ -110,3 +113,129 @@ async def test_one_stream_and_one_writer_across_nodes(tmp_path: Path) -> None:
         async with reader(b, "conv", 3) as resumed:
             await resumed.until("run.ended", run_id=second["run_id"])
             assert assert_stream(resumed, 3)[0] == 4
+
+
+async def test_a_killed_owner_is_taken_over_and_clients_resume_through_the_balancer(
+    tmp_path: Path,
+) -> None:
+    """Item 5, end to end behind nginx (round robin, no stickiness): `kill -9` of the
+    owner; within the lease time another node takes the conversation over: the active run
+    ends failed/node_lost, waiting steering becomes a follow-up run, the queued run goes
+    on, no acknowledged message is lost, and a client of the dead node reconnects
+    through the balancer with `after` and misses nothing."""
+    async with cluster(tmp_path) as c:
+        a, b, cc = c.nodes
+        lb = await start_nginx(tmp_path / "nginx", [n.port for n in c.nodes])
+        try:
+            async with reader(a, "k", 0) as on_a, reader(b, "k", 0) as on_b:
+                run = await on_a.send("/sleep 60", "m1")  # a owns "k"
+                await on_b.until("run.started", run_id=run["run_id"])
+                steer = await on_b.send("waiting steering", "m2")
+                assert (steer["route"], steer["run_id"]) == ("steer", run["run_id"])
+                queued = await on_b.send("after it", "m3", mode="queue")
+                assert queued["route"] == "queue"
+                await on_a.until("run.queued", run_id=queued["run_id"])
+                seen_by_a = assert_stream(on_a)[-1]
+
+                killed = time.monotonic()
+                await a.kill()
+                ended = await on_b.until("run.ended", run_id=run["run_id"])
+                took = time.monotonic() - killed
+                assert took < LEASE_S, f"taken over after {took:.1f} s"
+                assert (ended["status"], ended["reason"]) == ("failed", "node_lost")
+                assert ended["error"]["code"] == "node_lost"
+                follow = await on_b.until("run.started", trigger_message_ids=[steer["message_id"]])
+                await on_b.until("run.ended", run_id=follow["run_id"])
+                await on_b.until("run.started", run_id=queued["run_id"])
+                last = await on_b.until("run.ended", run_id=queued["run_id"])
+                assert last["status"] == "completed"
+                assert assert_stream(on_b)[-1] == last["offset"]
+
+            # the dead node's client comes back through the balancer, from where it was
+            async with reader(lb, "k", seen_by_a) as back:
+                await back.until("run.ended", run_id=queued["run_id"])
+                assert assert_stream(back, seen_by_a)[-1] == last["offset"]
+            log = await stored(b, "k")
+            assert [e["offset"] for e in log] == list(range(1, len(log) + 1))
+            keys = [e["client_msg_id"] for e in log if e["type"] == "user.message"]
+            assert keys == ["m1", "m2", "m3"]  # every acknowledged message, once
+            assert (await run_doc(cc, run["run_id"]))["reason"] == "node_lost"
+            # REST through the balancer reaches whichever node, and is routed to the owner
+            async with httpx.AsyncClient(base_url=lb.http, timeout=WITHIN) as http:
+                for i in range(4):
+                    got = await http.post(
+                        "/api/conversations/k/messages",
+                        json={"client_msg_id": f"r{i}", "text": "x", "mode": "queue"},
+                    )
+                    assert got.status_code == 200, got.text
+        finally:
+            await lb.stop()
+
+
+async def test_a_paused_owner_loses_its_lease_and_writes_nothing_when_it_wakes(
+    tmp_path: Path,
+) -> None:
+    """Item 2, fencing: SIGSTOP the owner past its lease; another node takes over; on
+    SIGCONT the old owner writes nothing more and forwards to the new one."""
+    async with cluster(tmp_path, names=("a", "b")) as c:
+        a, b = c.nodes
+        async with reader(b, "p", 0) as on_b:
+            run = await on_b.send("/sleep 60", "m1")
+            # b forwarded it, or took it: make a the owner through a's own client
+            holder = await c.holder("p")
+            owner, other = (a, b) if holder == "a" else (b, a)
+            os.kill(owner.proc.pid, signal.SIGSTOP)
+            try:
+                async with reader(other, "p", 0) as watch:
+                    ended = await watch.until("run.ended", run_id=run["run_id"])
+                    assert ended["reason"] == "node_lost"
+            finally:
+                os.kill(owner.proc.pid, signal.SIGCONT)
+            # the woken node forwards to the lease holder; nothing is written twice
+            got = await post(owner, "p", "m2", "after the pause", mode="queue")
+            assert got.status_code == 200, got.text
+            log = await stored(other, "p")
+            assert [e["offset"] for e in log] == list(range(1, len(log) + 1))
+            ends = [e for e in log if e["type"] == "run.ended" and e["run_id"] == run["run_id"]]
+            assert len(ends) == 1
+            assert got.json()["offset"] > ended["offset"]
+
+
+async def test_redis_down_refuses_new_work_and_recovers_with_no_gap(tmp_path: Path) -> None:
+    """Item 6: with Redis gone, nodes are not ready and refuse messages (internal/503)
+    rather than lose them; when a new, empty Redis comes back on the same port, leases
+    and subscriptions are rebuilt by themselves and no stream has a gap."""
+    async with cluster(tmp_path, names=("a", "b")) as c:
+        a, b = c.nodes
+        async with reader(a, "r", 0) as on_a, reader(b, "r", 0) as on_b:
+            first = await on_a.send("one two three", "m1")
+            await on_b.until("run.ended", run_id=first["run_id"])
+            await c.redis.stop()
+            async with httpx.AsyncClient(timeout=WITHIN) as http:
+                for node in (a, b):
+                    await until_status(http, f"{node.http}/readyz", 503)
+                refused = await post(b, "r", "m2", "while redis is down")
+                assert refused.status_code == 503
+                assert refused.json()["error"]["code"] == "internal"
+                await c.redis.start()  # empty: it keeps nothing on disk
+                for node in (a, b):
+                    await until_status(http, f"{node.http}/readyz", 200)
+            again = await on_b.send("after redis", "m2")
+            assert again["duplicate"] is False  # the refused key stayed free
+            await on_a.until("run.ended", run_id=again["run_id"])
+            await on_b.until("run.ended", run_id=again["run_id"])
+            assert assert_stream(on_a) == assert_stream(on_b)
+        log = await stored(a, "r")
+        assert [e["offset"] for e in log] == list(range(1, len(log) + 1))
+
+
+async def until_status(http: httpx.AsyncClient, url: str, status: int) -> None:
+    """Poll a readiness endpoint until it answers `status` (it has no event to wait on)."""
+    async with asyncio.timeout(WITHIN):
+        while True:
+            try:
+                if (await http.get(url)).status_code == status:
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.1)

@@ -47,7 +47,7 @@ class FakeCommitter:
         self.futures: list[asyncio.Future[None]] = []
         self.batches: list[WriteBatch] = []
 
-    async def submit(self, batch: WriteBatch) -> asyncio.Future[None]:
+    async def submit(self, batch: WriteBatch, writer: object = None) -> asyncio.Future[None]:
         self.batches.append(batch)
         self.futures.append(asyncio.get_running_loop().create_future())
         return self.futures[-1]

@@ -126,9 +126,13 @@ class Leases:
         await self.redis.delete(self._alive_key)
         self._valid_until = 0.0
 
+    def holds(self, conversation_id: str) -> bool:
+        return conversation_id in self.held and self.valid()
+
     async def lost(self, conversation_ids: list[str]) -> list[str]:
-        """Of these conversations, those whose lease holder is gone (its liveness key
-        expired), in one round trip for the leases and one for the holders."""
+        """Of these conversations (none of which this node runs), those whose lease holder
+        is gone (its liveness key expired), or is this node (an actor that stopped while
+        Redis was away), in one round trip for the leases and one for the holders."""
         if not conversation_ids:
             return []
         values = await self.redis.mget([self.key(cid) for cid in conversation_ids])
@@ -138,13 +142,13 @@ class Leases:
             if v is not None
         }
         nodes = sorted({n for n in holders.values() if n != self.node})
-        if not nodes:
-            return []
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for node in nodes:
-                pipe.exists(self._alive_prefix + node)
-            alive = dict(zip(nodes, await pipe.execute(), strict=True))
-        return [cid for cid, node in holders.items() if node != self.node and not alive[node]]
+        alive: dict[str, int] = {self.node: 0}
+        if nodes:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for node in nodes:
+                    pipe.exists(self._alive_prefix + node)
+                alive.update(zip(nodes, await pipe.execute(), strict=True))
+        return [cid for cid, node in holders.items() if not alive[node]]
 
     async def free(self, conversation_ids: list[str]) -> list[str]:
         """Of these conversations, those no live node holds (no lease, or a dead holder)."""

@@ -68,6 +68,9 @@ class ClusterNode:
     def valid(self) -> bool:
         return self.leases.valid()
 
+    def holds(self, conversation_id: str) -> bool:
+        return self.leases.holds(conversation_id)
+
     async def acquire(self, conversation_id: str) -> str | None:
         if self.draining:
             holder = await self._holder(conversation_id)
@@ -162,6 +165,9 @@ class ClusterNode:
         if await self.leases.beat(orjson.dumps(self.info())) and self.leases.held:
             for cid in await self.leases.reassert():
                 log.warning("cluster: %s is held by another node now", cid)
+                actor = self.hub.actors.get(cid)
+                if actor is not None:
+                    actor.fence()
 
     async def _heartbeat(self) -> None:
         while True:
