@@ -54,6 +54,15 @@ $(CHROMIUM):
 	DEBIAN_FRONTEND=noninteractive apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 
+# The cluster tests start Debian's redis-server and nginx (tests/cluster.py).
+REDIS_SERVER := /usr/bin/redis-server
+NGINX := /usr/sbin/nginx
+
+$(REDIS_SERVER) $(NGINX):
+	@echo "installing Debian's redis-server and nginx for the cluster tests"
+	DEBIAN_FRONTEND=noninteractive apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server nginx >/dev/null
+
 # The official AG-UI client (npm), run by Node.js in tests/test_agui_client.py.
 AGUI_CLIENT := tests/agui_client
 
@@ -61,7 +70,8 @@ $(AGUI_CLIENT)/node_modules/.installed: $(AGUI_CLIENT)/package.json
 	cd $(AGUI_CLIENT) && npm install --no-audit --no-fund --loglevel=error
 	touch $@
 
-pytest: $(VENV)/.installed-test $(MONGOECO_VENV)/.installed $(CHROMIUM) $(AGUI_CLIENT)/node_modules/.installed
+pytest: $(VENV)/.installed-test $(MONGOECO_VENV)/.installed $(CHROMIUM) $(REDIS_SERVER) $(NGINX) \
+		$(AGUI_CLIENT)/node_modules/.installed
 	$(BIN)/python -m pytest -W error
 
 test: lint typecheck pytest
