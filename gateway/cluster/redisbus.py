@@ -217,7 +217,9 @@ class RedisBus:
                 assert ch.delivered is not None
                 if ch.delivered >= ch.seen:
                     return
-                wanted = min(FILL_PAGE, ch.seen - ch.delivered)
+                # up to what the held messages have, else to the highest offset seen
+                upto = min((first - 1 for first, _ in ch.pending), default=ch.seen)
+                wanted = min(FILL_PAGE, upto - ch.delivered)
                 texts = await self.store.read_events(cid, ch.delivered, wanted)
                 if not texts:
                     return  # the next message or head tick tries again
