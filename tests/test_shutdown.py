@@ -16,7 +16,8 @@ from websockets.exceptions import ConnectionClosed
 
 from tests.processes import alive, spawn_gateway
 from tests.remote import raw_runner
-from tests.test_persistence import ENV, WITHIN, Reader, gateway, nx_pid, reader
+from tests.processes import Reader, reader
+from tests.test_persistence import ENV, WITHIN, gateway, nx_pid
 from tests.test_remote_runners import complete
 
 GRACE_S = 4
