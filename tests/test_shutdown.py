@@ -14,9 +14,8 @@ import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from tests.processes import alive, spawn_gateway
+from tests.processes import Reader, alive, reader, spawn_gateway
 from tests.remote import raw_runner
-from tests.processes import Reader, reader
 from tests.test_persistence import ENV, WITHIN, gateway, nx_pid
 from tests.test_remote_runners import complete
 
