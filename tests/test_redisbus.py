@@ -249,3 +249,24 @@ async def test_a_node_that_cannot_renew_stops_writing_before_its_lease_can_expir
     finally:
         for client in clients:
             await client.aclose()
+
+
+async def test_a_malformed_message_is_skipped_and_the_stream_goes_on(
+    buses: tuple[MemoryStore, RedisBus, RedisBus], redis: RedisServer
+) -> None:
+    store, owner, other = buses
+    seen = Recorder()
+    await other.join("c")
+    other.subscribe("c", seen)
+    hostile = Redis(port=redis.port)
+    try:
+        for junk in (b"", b"not json\n{}", b'{"n":"x"}\nabc', b'{"n":"x","o":"one"}\n{}'):
+            await hostile.publish(conversation_channel("c"), junk)
+    finally:
+        await hostile.aclose()
+    frames = [delta(1)]
+    await store_events(store, frames)
+    owner.publish("c", frames)
+    await seen.until(1)
+    assert seen.offsets == [1]
+    assert other.connections == 1  # read past, not taken for a broken connection

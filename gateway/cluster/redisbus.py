@@ -85,6 +85,7 @@ class RedisBus:
         self.connected = asyncio.Event()
         self.dropped = 0  # messages not sent to Redis (queue full or Redis down)
         self.filled = 0  # events read from the store to fill gaps
+        self.connections = 0  # subscriptions made to Redis: 1 until it goes away
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -312,12 +313,17 @@ class RedisBus:
                     ch.confirmed.clear()
                     await pubsub.subscribe(conversation_channel(cid))
                 self._pubsub = pubsub
+                self.connections += 1
                 self.connected.set()
                 delay = 0.05
                 while True:
                     message = await pubsub.get_message(timeout=1.0)
-                    if message is not None:
+                    if message is None:
+                        continue
+                    try:
                         self._on_message(message)
+                    except Exception as exc:  # a malformed message: never the reader's end
+                        log.warning("cluster bus: an unreadable message: %s", str(exc)[:200])
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
