@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from redis.asyncio import Redis
 
 from tests.cluster import LEASE_S, WITHIN, cluster, start_nginx
 from tests.processes import GatewayProcess, Reader, reader
@@ -74,6 +75,13 @@ async def test_one_stream_and_one_writer_across_nodes(tmp_path: Path) -> None:
             assert first["route"] == "run"
             await on_b.until("run.ended", run_id=first["run_id"])
             await on_c.until("run.ended", run_id=first["run_id"])
+            # junk on a's request channel is logged and skipped
+            junk = Redis(port=c.redis.port)
+            try:
+                for data in (b"", b"{}", b'{"kind":"submit","id":1}', b"\xff", b"[" * 100_000):
+                    await junk.publish("steerway:n:a", data)
+            finally:
+                await junk.aclose()
             # a message through b: forwarded to a, acked on b once stored
             second = await on_b.send("/sleep 30", "m2")
             assert (second["route"], second["duplicate"]) == ("run", False)
