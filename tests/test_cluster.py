@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+import websockets
 from redis.asyncio import Redis
 
 from tests.cluster import LEASE_S, WITHIN, cluster, start_nginx
@@ -247,3 +248,31 @@ async def until_status(http: httpx.AsyncClient, url: str, status: int) -> None:
             except httpx.TransportError:
                 pass
             await asyncio.sleep(0.1)
+
+
+async def test_a_draining_node_hands_its_conversations_over(tmp_path: Path) -> None:
+    """SIGTERM of one node: its clients get 1001, its active run gets the grace and ends
+    failed/shutdown, and once it has released its leases another node goes on with the
+    queued run at once, well within the lease time."""
+    async with cluster(tmp_path, names=("a", "b"), STEERWAY_SHUTDOWN_GRACE_S="1") as c:
+        a, b = c.nodes
+        async with reader(a, "d", 0) as on_a, reader(b, "d", 0) as on_b:
+            run = await on_a.send("/sleep 60", "m1")
+            assert await c.holder("d") == "a"
+            queued = await on_a.send("next one", "m2", mode="queue")
+            await on_b.until("run.queued", run_id=queued["run_id"])
+            a.proc.send_signal(signal.SIGTERM)
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await on_a.until("never")
+            assert closed.value.rcvd is not None
+            assert closed.value.rcvd.code == 1001
+            ended = await on_b.until("run.ended", run_id=run["run_id"])
+            assert (ended["status"], ended["reason"]) == ("failed", "shutdown")
+            stopped = time.monotonic()
+            assert await a.terminate() == 0
+            await on_b.until("run.started", run_id=queued["run_id"])
+            assert time.monotonic() - stopped < LEASE_S
+            last = await on_b.until("run.ended", run_id=queued["run_id"])
+            assert last["status"] == "completed"
+            assert assert_stream(on_b)[-1] == last["offset"]
+        assert await c.holder("d") == "b"
