@@ -39,6 +39,20 @@ class Metrics:
         self.store_batches = Gauge(
             "steerway_store_batches", "Group commits written to the store", registry=r
         )
+        # cluster mode only (gateway/cluster): set by ClusterNode.attach
+        self.cluster_leases = Gauge(
+            "steerway_cluster_leases", "Conversations whose lease this node holds", registry=r
+        )
+        self.cluster_gap_events = Gauge(
+            "steerway_cluster_gap_events",
+            "Events read from the store to fill a gap in a relayed stream",
+            registry=r,
+        )
+        self.cluster_dropped = Gauge(
+            "steerway_cluster_dropped_messages",
+            "Messages not relayed through Redis (queue full or Redis down); gaps are filled",
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

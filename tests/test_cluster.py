@@ -276,3 +276,6 @@ async def test_a_draining_node_hands_its_conversations_over(tmp_path: Path) -> N
             assert last["status"] == "completed"
             assert assert_stream(on_b)[-1] == last["offset"]
         assert await c.holder("d") == "b"
+        async with httpx.AsyncClient(base_url=b.http, timeout=WITHIN) as http:
+            scrape = (await http.get("/metrics")).text
+        assert "steerway_cluster_leases 1.0" in scrape.splitlines()

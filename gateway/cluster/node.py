@@ -58,6 +58,10 @@ class ClusterNode:
         node = cls(hub, redis_url, lease_s)
         hub.bus = node.bus
         hub.cluster = node
+        metrics = hub.metrics
+        metrics.cluster_leases.set_function(lambda: len(node.leases.held))
+        metrics.cluster_gap_events.set_function(lambda: node.bus.filled)
+        metrics.cluster_dropped.set_function(lambda: node.bus.dropped)
         return node
 
     def _node_message(self, data: bytes) -> None:
