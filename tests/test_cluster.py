@@ -101,9 +101,19 @@ async def test_one_stream_and_one_writer_across_nodes(tmp_path: Path) -> None:
             assert (ended["status"], ended["reason"]) == ("cancelled", "cancel_requested")
             dropped = await on_a.until("steering.dropped", run_id=second["run_id"])
             assert dropped["message_ids"] == [steer["message_id"]]
+            # an interrupt through c ends a run on a within 1 s and starts its own
+            third = await on_a.send("/sleep 30", "m4")
+            await on_c.until("run.started", run_id=third["run_id"])
+            started = time.monotonic()
+            fourth = await on_c.send("instead", "m5", mode="interrupt")
+            assert fourth["route"] == "interrupt"
+            stopped = await on_b.until("run.ended", run_id=third["run_id"])
+            assert time.monotonic() - started < 1.0
+            assert (stopped["status"], stopped["reason"]) == ("cancelled", "interrupted")
+            ended = await on_b.until("run.ended", run_id=fourth["run_id"])
             head = ended["offset"]
             for r in (on_a, on_b, on_c):
-                await r.until("run.ended", run_id=second["run_id"])
+                await r.until("run.ended", run_id=fourth["run_id"])
                 assert assert_stream(r)[-1] >= head
             texts = [
                 [
@@ -117,10 +127,10 @@ async def test_one_stream_and_one_writer_across_nodes(tmp_path: Path) -> None:
         log = await stored(cc, "conv")
         assert [e["offset"] for e in log] == list(range(1, len(log) + 1))
         assert [e for e in log if e["type"] == "user.message"][1]["client_msg_id"] == "m2"
-        assert len([e for e in log if e["type"] == "user.message"]) == 3  # m2 once
+        assert len([e for e in log if e["type"] == "user.message"]) == 5  # m2 once
         # `after` resumes on any node with exactly what followed
         async with reader(b, "conv", 3) as resumed:
-            await resumed.until("run.ended", run_id=second["run_id"])
+            await resumed.until("run.ended", run_id=fourth["run_id"])
             assert assert_stream(resumed, 3)[0] == 4
 
 
