@@ -17,7 +17,7 @@ from pathlib import Path
 from redis.asyncio import Redis
 
 from store.embedded import EmbeddedMongo, free_port
-from tests.processes import GatewayProcess, spawn_gateway
+from tests.processes import GatewayProcess, Loopback, spawn_gateway
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -100,17 +100,9 @@ http {{
 
 
 @dataclass
-class Nginx:
+class Nginx(Loopback):
     port: int
     proc: asyncio.subprocess.Process
-
-    @property
-    def http(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def ws(self) -> str:
-        return f"ws://127.0.0.1:{self.port}"
 
     async def stop(self) -> None:
         if self.proc.returncode is None:

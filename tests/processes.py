@@ -23,12 +23,10 @@ STARTUP = 30.0
 WITHIN = 20.0
 
 
-@dataclass
-class GatewayProcess:
-    proc: asyncio.subprocess.Process
+class Loopback:
+    """A server on a loopback port: its HTTP and WebSocket base URLs."""
+
     port: int
-    lines: list[str] = field(default_factory=list)  # stderr so far
-    drain: asyncio.Task[None] | None = None  # keeps reading stderr into `lines`
 
     @property
     def http(self) -> str:
@@ -37,6 +35,14 @@ class GatewayProcess:
     @property
     def ws(self) -> str:
         return f"ws://127.0.0.1:{self.port}"
+
+
+@dataclass
+class GatewayProcess(Loopback):
+    proc: asyncio.subprocess.Process
+    port: int
+    lines: list[str] = field(default_factory=list)  # stderr so far
+    drain: asyncio.Task[None] | None = None  # keeps reading stderr into `lines`
 
     async def terminate(self) -> int:
         """SIGTERM, and the exit status once it has shut down."""
@@ -137,8 +143,8 @@ class Reader:
 
 
 @contextlib.asynccontextmanager
-async def reader(proc: GatewayProcess | Any, cid: str, after: int) -> AsyncIterator[Reader]:
-    """A Reader on `proc` (anything with a `ws` base URL), once it has its `ready`."""
+async def reader(proc: Loopback, cid: str, after: int) -> AsyncIterator[Reader]:
+    """A Reader on a gateway (or a balancer in front of some), once it has its `ready`."""
     async with websockets.connect(f"{proc.ws}/ws/conversations/{cid}?after={after}") as ws:
         r = Reader(ws)
         await r.until("ready")

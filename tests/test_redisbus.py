@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -185,70 +184,69 @@ async def test_subscriptions_are_rebuilt_and_caught_up_after_redis_restarts(
     assert seen.offsets == [1, 2]
 
 
-async def lease_pair(redis: RedisServer) -> tuple[Leases, Leases, list[Any]]:
-    clients = [Redis(port=redis.port), Redis(port=redis.port)]
+Pair = tuple[Leases, Leases, Redis]
+
+
+@pytest.fixture
+async def pair(redis: RedisServer) -> AsyncIterator[Pair]:
+    """Nodes a and b, alive, and a client of the same Redis."""
+    clients = [Redis(port=redis.port) for _ in range(3)]
     a = Leases(clients[0], "a", lease_s=2.0)
     b = Leases(clients[1], "b", lease_s=2.0)
     for leases in (a, b):
         await leases.beat(b"{}")
-    return a, b, clients
-
-
-async def test_a_lease_has_one_holder_and_goes_with_its_node(redis: RedisServer) -> None:
-    a, b, clients = await lease_pair(redis)
     try:
-        assert await a.acquire("c") is None
-        assert await b.acquire("c") == "a"
-        assert a.holds("c")
-        assert not b.holds("c")
-        assert await b.lost(["c"]) == []
-        assert await b.free(["c", "d"]) == ["d"]
-        await clients[0].delete("steerway:alive:a")  # a's liveness expired (killed, paused)
-        assert await b.lost(["c"]) == ["c"]
-        assert await b.acquire("c") is None  # b takes it over
-        assert await a.acquire("c") == "b"
-        await a.release("c")  # a's old lease value: not b's lease
-        assert await a.acquire("c") == "b"
-        await b.release("c")
-        assert await a.acquire("c") is None
+        yield a, b, clients[2]
     finally:
         for client in clients:
             await client.aclose()
+
+
+async def test_a_lease_has_one_holder_and_goes_with_its_node(
+    pair: tuple[Leases, Leases, Redis],
+) -> None:
+    a, b, redis = pair
+    assert await a.acquire("c") is None
+    assert await b.acquire("c") == "a"
+    assert a.holds("c")
+    assert not b.holds("c")
+    assert await b.lost(["c"]) == []
+    assert await b.free(["c", "d"]) == ["d"]
+    await redis.delete("steerway:alive:a")  # a's liveness expired (killed, paused)
+    assert await b.lost(["c"]) == ["c"]
+    assert await b.acquire("c") is None  # b takes it over
+    assert await a.acquire("c") == "b"
+    await a.release("c")  # a's old lease value: not b's lease
+    assert await a.acquire("c") == "b"
+    await b.release("c")
+    assert await a.acquire("c") is None
 
 
 async def test_after_redis_lost_everything_a_node_takes_its_leases_again(
-    redis: RedisServer,
+    pair: tuple[Leases, Leases, Redis],
 ) -> None:
-    a, b, clients = await lease_pair(redis)
-    try:
-        assert await a.acquire("c") is None
-        assert await a.acquire("d") is None
-        await clients[0].flushall()  # a restarted Redis keeps nothing
-        assert await b.beat(b"{}") is True
-        assert await b.acquire("d") is None  # b was quicker for one of them
-        assert await a.beat(b"{}") is True  # a learns that Redis lost its liveness
-        assert await a.reassert() == ["d"]
-        assert a.holds("c")
-        assert not a.holds("d")
-        assert await b.acquire("c") == "a"
-    finally:
-        for client in clients:
-            await client.aclose()
+    a, b, redis = pair
+    assert await a.acquire("c") is None
+    assert await a.acquire("d") is None
+    await redis.flushall()  # a restarted Redis keeps nothing
+    assert await b.beat(b"{}") is True
+    assert await b.acquire("d") is None  # b was quicker for one of them
+    assert await a.beat(b"{}") is True  # a learns that Redis lost its liveness
+    assert await a.reassert() == ["d"]
+    assert a.holds("c")
+    assert not a.holds("d")
+    assert await b.acquire("c") == "a"
 
 
 async def test_a_node_that_cannot_renew_stops_writing_before_its_lease_can_expire(
-    redis: RedisServer,
+    pair: tuple[Leases, Leases, Redis],
 ) -> None:
-    a, _, clients = await lease_pair(redis)
-    try:
-        assert await a.acquire("c") is None
-        assert a.valid()
-        a._valid_until = 0.0  # the last renewal is older than the liveness time allows
-        assert not a.holds("c")
-        assert a.alive_ms == 1000  # half the lease time
-    finally:
-        for client in clients:
-            await client.aclose()
+    a, _, _ = pair
+    assert await a.acquire("c") is None
+    assert a.valid()
+    a._valid_until = 0.0  # the last renewal is older than the liveness time allows
+    assert not a.holds("c")
+    assert a.alive_ms == 1000  # half the lease time
 
 
 async def test_a_malformed_message_is_skipped_and_the_stream_goes_on(

@@ -26,7 +26,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
-from gateway.bus import Subscriber
+from gateway.bus import MemoryBus, Subscriber
 from gateway.errors import StoreUnavailable
 from gateway.outbox import Frame
 from gateway.protocol.frames import delta_of
@@ -75,7 +75,7 @@ class RedisBus:
         self.store = store
         self.node = node
         self._on_node_message = on_node_message
-        self._subs: dict[str, dict[Subscriber, None]] = {}
+        self._local = MemoryBus()  # this node's subscribers
         self._channels: dict[str, _Channel] = {}
         self._outgoing: asyncio.Queue[tuple[bytes, bytes]] = asyncio.Queue(PUBLISH_QUEUE)
         self._recent: dict[str, int] = {}  # conversation -> head, published since the tick
@@ -144,18 +144,13 @@ class RedisBus:
         return None if ch is None else ch.delivered
 
     def subscribe(self, conversation_id: str, subscriber: Subscriber) -> None:
-        self._subs.setdefault(conversation_id, {})[subscriber] = None
+        self._local.subscribe(conversation_id, subscriber)
 
     def unsubscribe(self, conversation_id: str, subscriber: Subscriber) -> None:
-        subs = self._subs.get(conversation_id)
-        if subs is None or subscriber not in subs:
-            return
-        del subs[subscriber]
-        if not subs:
-            del self._subs[conversation_id]
+        self._local.unsubscribe(conversation_id, subscriber)
 
     def count(self, conversation_id: str) -> int:
-        return len(self._subs.get(conversation_id, ()))
+        return self._local.count(conversation_id)
 
     def publish(self, conversation_id: str, frames: list[Frame]) -> None:
         """The owner's stored batch: to this node's subscribers now, to the others
@@ -179,10 +174,7 @@ class RedisBus:
     # ------------------------------------------------------------------ delivery
 
     def _deliver(self, conversation_id: str, frames: list[Frame]) -> None:
-        subs = self._subs.get(conversation_id)
-        if subs:
-            for sub in tuple(subs):
-                sub.deliver(frames)
+        self._local.publish(conversation_id, frames)
 
     def _incoming(self, cid: str, first: int, frames: list[Frame]) -> None:
         ch = self._channels.get(cid)
