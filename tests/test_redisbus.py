@@ -6,6 +6,7 @@ a stream found by the owner's head ticks; leases taken, kept, lost with their no
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import pytest
@@ -64,21 +65,29 @@ async def store_events(store: MemoryStore, frames: list[Frame]) -> None:
     await store.write(WriteBatch(events=records))
 
 
+@contextlib.asynccontextmanager
+async def connections(redis: RedisServer, count: int) -> AsyncIterator[list[Redis]]:
+    clients = [Redis(port=redis.port) for _ in range(count)]
+    try:
+        yield clients
+    finally:
+        for client in clients:
+            await client.aclose()
+
+
 @pytest.fixture
 async def buses(redis: RedisServer) -> AsyncIterator[tuple[MemoryStore, RedisBus, RedisBus]]:
     store = MemoryStore()
-    clients = [Redis(port=redis.port), Redis(port=redis.port)]
-    owner = RedisBus(clients[0], store, "owner", lambda _: None)
-    other = RedisBus(clients[1], store, "other", lambda _: None)
-    for bus in (owner, other):
-        bus.start()
-    try:
-        yield store, owner, other
-    finally:
+    async with connections(redis, 2) as clients:
+        owner = RedisBus(clients[0], store, "owner", lambda _: None)
+        other = RedisBus(clients[1], store, "other", lambda _: None)
         for bus in (owner, other):
-            await bus.stop()
-        for client in clients:
-            await client.aclose()
+            bus.start()
+        try:
+            yield store, owner, other
+        finally:
+            for bus in (owner, other):
+                await bus.stop()
 
 
 async def test_every_node_gets_every_offset_once_with_gaps_filled_from_the_store(
@@ -190,16 +199,12 @@ Pair = tuple[Leases, Leases, Redis]
 @pytest.fixture
 async def pair(redis: RedisServer) -> AsyncIterator[Pair]:
     """Nodes a and b, alive, and a client of the same Redis."""
-    clients = [Redis(port=redis.port) for _ in range(3)]
-    a = Leases(clients[0], "a", lease_s=2.0)
-    b = Leases(clients[1], "b", lease_s=2.0)
-    for leases in (a, b):
-        await leases.beat(b"{}")
-    try:
+    async with connections(redis, 3) as clients:
+        a = Leases(clients[0], "a", lease_s=2.0)
+        b = Leases(clients[1], "b", lease_s=2.0)
+        for leases in (a, b):
+            await leases.beat(b"{}")
         yield a, b, clients[2]
-    finally:
-        for client in clients:
-            await client.aclose()
 
 
 async def test_a_lease_has_one_holder_and_goes_with_its_node(
