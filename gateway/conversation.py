@@ -33,7 +33,7 @@ from gateway.core.routing import Refusal
 from gateway.core.runs import RunStatus, UserText
 from gateway.dashboard import DashboardFeed
 from gateway.errors import RoutingError, SteerwayError, StoreUnavailable
-from gateway.eventlog import EventLog
+from gateway.eventlog import EventLog, run_document
 from gateway.metrics import Metrics
 from gateway.orchestrator import (
     DriverInput,
@@ -320,7 +320,7 @@ class ConversationActor:
             record.runner, record.active_run = state
             record.last_activity = now
         await self.log.append(fx, record if write else None, born)
-        docs = [run.document() for run in fx.runs.values()]  # as this batch stores them
+        docs = [run_document(run, self.hub.node) for run in fx.runs.values()]  # as stored
         self.log.then(lambda: self.hub.dashboard.appended(self.conversation_id, docs))
         metrics = self.hub.metrics
         for event in fx.events:

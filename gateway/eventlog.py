@@ -22,9 +22,11 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from gateway.bus import Bus
 from gateway.core.conversation import Effects
+from gateway.core.runs import Run
 from gateway.outbox import Frame
 from gateway.protocol.frames import MessageCompleted, MessageDelta, UserMessage, encode
 from store.base import ConversationRecord, EventRecord, StoreConflict, TurnRecord, WriteBatch
@@ -33,6 +35,12 @@ from store.commit import GroupCommitter
 log = logging.getLogger("steerway.eventlog")
 
 PIPELINE_DEPTH = 8  # batches of one conversation in flight to the store
+
+
+def run_document(run: Run, node: str) -> dict[str, Any]:
+    """A run's document as stored and shown (PROTOCOL.md section 8): the core's, named
+    with the node that runs it (in a cluster, the owner of its conversation now)."""
+    return {**run.document(), "node": node}
 
 
 @dataclass(slots=True)
@@ -114,9 +122,8 @@ class EventLog:
         if conversation is not None:
             conversation.head = self.head
         batch = WriteBatch(
-            node=self._node,
             events=records,
-            runs=[run.document() for run in fx.runs.values()],
+            runs=[run_document(run, self._node) for run in fx.runs.values()],
             conversations=[conversation] if conversation is not None else [],
             turns=[
                 TurnRecord(

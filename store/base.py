@@ -101,10 +101,10 @@ class WriteBatch:
     """One group commit: events of any conversations, in offset order per conversation."""
 
     events: list[EventRecord] = field(default_factory=list)
-    runs: list[dict[str, Any]] = field(default_factory=list)  # run documents, upserted by run_id
+    # run documents, upserted by run_id; each names its `node`, the node that wrote it last
+    runs: list[dict[str, Any]] = field(default_factory=list)
     conversations: list[ConversationRecord] = field(default_factory=list)
     turns: list[TurnRecord] = field(default_factory=list)
-    node: str = ""  # the node that wrote it: stored on run documents as their owner
     # Cluster mode: conversation id -> the writer's fencing epoch (`Store.claim`). The
     # store refuses the whole batch (StoreConflict) when a later epoch was claimed.
     fences: dict[str, int] = field(default_factory=dict)

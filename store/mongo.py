@@ -6,7 +6,8 @@ Four collections (docs/storage.md has the schema and the reasons):
 - `events`: the log. A document holds one event, or a run of consecutive events of one
   run written in one commit (`offset`..`last`); `payloads` are their exact JSON texts
   as sent on the wire. A user.message is always alone: it carries the idempotency key.
-- `runs`: `_id` = run id; the run document, plus `node` (owner) and `heartbeat` (ms).
+- `runs`: `_id` = run id; the run document (its `node` names its owner), plus
+  `heartbeat` (ms).
 - `transcripts`: one document per turn, `_id` = "<conversation id>:<message id>".
 - `fences`: `_id` = conversation id; `epoch`, the fencing token of its writer (cluster mode).
 
@@ -54,7 +55,7 @@ PACK_EVENTS = 256
 PACK_BYTES = 1024 * 1024  # characters: well inside MongoDB's 16 MiB document limit
 NAMESPACE_EXISTS = 48
 LIVE = ["queued", "running"]
-RUN_EXTRAS = {"_id": 0, "node": 0, "heartbeat": 0}  # stored on a run, not part of it
+RUN_EXTRAS = {"_id": 0, "heartbeat": 0}  # stored on a run, not part of it
 
 # name -> (keys, options); created at open, idempotently
 INDEXES: dict[str, dict[str, tuple[list[tuple[str, int]], dict[str, Any]]]] = {
@@ -274,7 +275,7 @@ class MongoStore:
         if batch.events:
             await self._insert_events(pack(batch.events))
         if batch.runs:
-            await self._write_runs(batch.runs, batch.node)
+            await self._write_runs(batch.runs)
         if batch.conversations:
             await self._write_conversations(batch.conversations)
         if batch.turns:
@@ -339,7 +340,7 @@ class MongoStore:
                 piece = None
         return rest
 
-    async def _write_runs(self, runs: list[dict[str, Any]], node: str) -> None:
+    async def _write_runs(self, runs: list[dict[str, Any]]) -> None:
         heartbeat = time.time_ns() // 1_000_000
         last = {run["run_id"]: run for run in runs}  # the same run twice: the last wins
         # $set of every field, not a replacement: nx-27017's upserting replace ignores
@@ -347,7 +348,7 @@ class MongoStore:
         ops = [
             UpdateOne(
                 {"_id": run_id},
-                {"$set": {**run, "node": node, "heartbeat": heartbeat}},
+                {"$set": {**run, "heartbeat": heartbeat}},
                 upsert=True,
             )
             for run_id, run in last.items()

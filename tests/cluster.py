@@ -124,7 +124,11 @@ def _nginx_conf(directory: Path, ports: list[int], port: int) -> Path:
 async def start_nginx(directory: Path, ports: list[int]) -> Nginx:
     """nginx on a free port, round-robin over `ports`, with no stickiness."""
     port = free_port()
-    conf = _nginx_conf(directory, ports, port)
+    return await launch_nginx(directory, _nginx_conf(directory, ports, port), port)
+
+
+async def launch_nginx(directory: Path, conf: Path, port: int) -> Nginx:
+    """nginx with `conf` (prefix `directory`), once it listens on `port`."""
     proc = await asyncio.create_subprocess_exec(
         NGINX, "-c", str(conf), "-p", str(directory), "-e", str(directory / "error.log"),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -58,8 +58,9 @@ async def test_snapshot_holds_runs_conversations_clients_and_node() -> None:
         ended = await expect(ws, "run.ended")
         async with dashboard(gw) as dash:
             snap = dash.frames[0]
-            assert set(snap) == {"type", "runs", "conversations", "clients", "node"}
+            assert set(snap) == {"type", "runs", "conversations", "clients", "node", "nodes"}
             assert snap["runs"] == [await rest_run(http, ended["run_id"])]
+            assert snap["runs"][0]["node"] == gw.hub.node  # the node that ran it
             assert snap["conversations"] == [
                 {
                     "conversation_id": "snap",
@@ -73,6 +74,32 @@ async def test_snapshot_holds_runs_conversations_clients_and_node() -> None:
             assert node["name"] == gw.hub.node
             assert (node["protocol"], node["conversations"]) == (1, 1)
             assert node["started_at"] <= ended["ts"]
+            assert (node["runs"], node["clients"]) == (0, 1)
+            assert isinstance(node["events_per_s"], float)
+            assert snap["nodes"] == [node]  # one node: this one
+
+
+async def test_nodes_updated_gives_the_node_s_figures_every_second() -> None:
+    words = " ".join(f"w{i}" for i in range(300))
+    async with (
+        run_gateway(echo_delay_ms=10) as gw,
+        dashboard(gw) as dash,
+        gw.connect("figures", after=0) as ws,
+    ):
+        await ws.message(words, "m1")
+        await expect(ws, "run.started")
+        busy = await dash.until(
+            lambda f: f["type"] == "nodes.updated" and f["nodes"][0]["events_per_s"] > 0,
+            within=10,
+        )
+        [node] = busy["nodes"]
+        assert (node["name"], node["conversations"], node["clients"]) == (gw.hub.node, 1, 1)
+        assert node["runs"] == 1
+        await expect(ws, "run.ended", within=30)
+        idle = await dash.until(
+            lambda f: f["type"] == "nodes.updated" and f["nodes"][0]["runs"] == 0, within=10
+        )
+        assert idle["nodes"][0]["name"] == gw.hub.node
 
 
 async def test_live_run_and_conversation_updates_end_with_the_stored_documents() -> None:
@@ -179,7 +206,7 @@ async def test_no_dashboard_no_work(gw: Gateway) -> None:
         await ws.message("a b c", "m1")
         await expect(ws, "run.ended")
     feed = gw.hub.dashboard
-    assert (feed._outboxes, feed._sent, feed._due) == ({}, {}, {})
+    assert (feed._outboxes, feed._sent, feed._due, feed._nodes) == ({}, {}, {}, None)
 
 
 @pytest.mark.parametrize(

@@ -596,6 +596,7 @@ async def test_run_document_and_cancel() -> None:
             "ended_at": None,
             "usage": None,
             "steering": {"queued": 1, "absorbed": 0, "dropped": 0},
+            "node": gw.hub.node,  # the node that runs it
         }
         fed.put(PULL)
         absorbed = await expect(ws, "steering.absorbed", run_id=run_id)
@@ -623,6 +624,7 @@ async def test_run_document_and_cancel() -> None:
             "ended_at": ended["ts"],
             "usage": {"t": 9},
             "steering": {"queued": 0, "absorbed": 1, "dropped": 2},
+            "node": gw.hub.node,  # the node that runs it
         }
         assert_error(await http.post(f"/api/runs/{run_id}/cancel"), 409, "no_active_run")
         assert (await http.get(f"/api/runs/{run_id}")).json() == doc  # never changes

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Coroutine
 from typing import Any
 
@@ -24,6 +23,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from gateway.cluster.dashboard import ClusterDashboard
 from gateway.cluster.forwarding import Forwarder, RemoteConversation
 from gateway.cluster.leases import Leases, holder_node
 from gateway.cluster.redisbus import RedisBus
@@ -48,7 +48,6 @@ class ClusterNode:
         self.leases = Leases(self.redis, self.node, lease_s)
         self.bus = RedisBus(self.redis, hub.store, self.node, self._node_message)
         self.forwarder = Forwarder(hub, self.bus)
-        self.started_at = int(time.time() * 1000)
         self.draining = False
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()
@@ -62,6 +61,7 @@ class ClusterNode:
         metrics.cluster_leases.set_function(lambda: len(node.leases.held))
         metrics.cluster_gap_events.set_function(lambda: node.bus.filled)
         metrics.cluster_dropped.set_function(lambda: node.bus.dropped)
+        ClusterDashboard.attach(hub.dashboard, node.bus, node.leases)
         return node
 
     def _node_message(self, data: bytes) -> None:
@@ -156,14 +156,8 @@ class ClusterNode:
     # ------------------------------------------------------------------ loops
 
     def info(self) -> dict[str, Any]:
-        hub = self.hub
-        return {
-            "node": self.node,
-            "started_at": self.started_at,
-            "conversations": len(hub.actors),
-            "runs": sum(1 for a in hub.actors.values() if a.machine.active is not None),
-            "clients": sum(hub.bus.count(cid) for cid in list(hub.actors)),
-        }
+        """What the liveness key says of this node: the dashboards' figures."""
+        return self.hub.dashboard.figures().wire()
 
     async def _beat(self) -> None:
         if await self.leases.beat(orjson.dumps(self.info())) and self.leases.held:

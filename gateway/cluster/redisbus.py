@@ -80,6 +80,8 @@ class RedisBus:
         self._outgoing: asyncio.Queue[tuple[bytes, bytes]] = asyncio.Queue(PUBLISH_QUEUE)
         self._recent: dict[str, int] = {}  # conversation -> head, published since the tick
         self._pubsub: PubSub | None = None
+        # other channels this node reads (the dashboards'): (on a message, on subscribed)
+        self._listeners: dict[bytes, tuple[Callable[[bytes], None], Callable[[], None]]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._fills: set[asyncio.Task[None]] = set()
         self.connected = asyncio.Event()
@@ -163,6 +165,13 @@ class RedisBus:
         header = orjson.dumps({"n": self.node, "o": first})
         body = "\n".join(f.text for f in frames).encode()
         self.send(conversation_channel(conversation_id), header + b"\n" + body)
+
+    def listen(
+        self, channel: bytes, on_message: Callable[[bytes], None], on_subscribed: Callable[[], None]
+    ) -> None:
+        """Read `channel` too (before `start`): `on_subscribed` is called each time the
+        subscription is made, again after Redis came back."""
+        self._listeners[channel] = (on_message, on_subscribed)
 
     def send(self, channel: bytes, data: bytes) -> None:
         """Queue a message for Redis, in order; dropped when the queue is full."""
@@ -301,6 +310,8 @@ class RedisBus:
             pubsub = self.redis.pubsub()
             try:
                 await pubsub.subscribe(node_channel(self.node))
+                for channel in self._listeners:
+                    await pubsub.subscribe(channel)
                 for cid, ch in self._channels.items():
                     ch.confirmed.clear()
                     await pubsub.subscribe(conversation_channel(cid))
@@ -332,6 +343,15 @@ class RedisBus:
         kind = message.get("type")
         channel = message.get("channel")
         assert isinstance(channel, bytes)
+        listener = self._listeners.get(channel)
+        if listener is not None:
+            if kind == "subscribe":
+                listener[1]()
+            elif kind == "message":
+                data = message.get("data")
+                assert isinstance(data, bytes)
+                listener[0](data)
+            return
         if kind == "subscribe":
             cid = channel.decode()[len(PREFIX) + 2 :]
             ch = self._channels.get(cid)

@@ -405,6 +405,9 @@ class NodeInfo(Strict):
     protocol: int = PROTOCOL_VERSION
     started_at: int
     conversations: int  # conversations this node has loaded now
+    runs: int = 0  # of them, those running a run now
+    clients: int = 0  # conversation sockets open on this node
+    events_per_s: float = 0.0  # events this node appended, per second, lately
 
 
 class Snapshot(Strict):
@@ -412,7 +415,13 @@ class Snapshot(Strict):
     runs: list[dict[str, Any]]
     conversations: list[ConversationListing]
     clients: dict[str, int]
-    node: NodeInfo
+    node: NodeInfo  # the node serving this dashboard
+    nodes: list[NodeInfo]  # every live node (a cluster), by name; this node alone otherwise
+
+
+class NodesUpdated(Strict):
+    type: Literal["nodes.updated"] = "nodes.updated"
+    nodes: list[NodeInfo]
 
 
 class RunUpdated(Strict):

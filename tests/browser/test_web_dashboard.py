@@ -59,7 +59,7 @@ def test_runs_update_live_filter_and_cancel(serve, context: BrowserContext, page
     work = row(page, run_id)
     expect(cells(work)).to_have_text(
         ["running", re.compile("run_"), "gated", "team", re.compile(r"\d s"), re.compile(r"\d s"),
-         "0 / 0 / 0", "—", "Cancel"]
+         "0 / 0 / 0", "—", live.gw.hub.node, "Cancel"]
     )  # fmt: skip
     conversation = page.locator('#conversations-body tr[data-cid="team"]')
     expect(conversation.locator("td.clients")).to_have_text("1")
@@ -146,6 +146,33 @@ def test_open_a_run_to_see_its_events_live(serve, page: Page) -> None:
     expect(detail.locator("dd").first).to_have_text("completed (stop)")
     page.keyboard.press("Escape")
     expect(detail).to_be_hidden()
+
+
+def test_the_nodes_panel_and_the_node_of_each_run(
+    serve, context: BrowserContext, page: Page
+) -> None:
+    """Issue 12, item 7: the nodes with their runs, clients and events per second (one
+    node here: this gateway), and each run naming the node that runs it."""
+    gated = Gated()
+    live = serve(runners=[gated], runner="gated", node="gw-one")
+    open_dashboard(page, live)
+    node = page.locator('#nodes-body tr[data-node="gw-one"]')
+    expect(page.locator("#nodes-body tr")).to_have_count(1)
+    expect(node.locator("th, td")).to_have_text(["gw-one", "0", "0", "0", "0", re.compile(r"\d")])
+
+    chat = Chat(context.new_page(), live).open("where")
+    chat.send("which node?")
+    (run_id,) = live.running("where")
+    expect(cells(row(page, run_id)).nth(8)).to_have_text("gw-one")
+    # nodes.updated, once a second: one active run, one client, one conversation
+    expect(node.locator("td")).to_have_text(["1", "1", re.compile(r"\d+"), "1", re.compile(r"\d")])
+    row(page, run_id).get_by_role("button", name=f"Open run {run_id}").click()
+    detail = page.get_by_role("dialog", name=f"Run {run_id}")
+    expect(detail.locator("dt", has_text="Node").locator("+ dd")).to_have_text("gw-one")
+    page.keyboard.press("Escape")
+    live.call(gated.release, run_id)
+    expect(cells(row(page, run_id)).first).to_have_text("completed · stop")
+    expect(node.locator("td").first).to_have_text("0")
 
 
 def test_a_queued_run_shows_when_it_moves_up(serve, page: Page) -> None:

@@ -1,7 +1,8 @@
 // The runs dashboard: `GET /ws/dashboard` (PROTOCOL.md section 9) drawn as live
 // tables and charts. A snapshot sets everything; `run.updated`,
-// `conversation.updated` and `clients.updated` change it; a reconnect starts again
-// from a new snapshot. Events per second are the growth of conversation heads (each
+// `conversation.updated` and `clients.updated` change it, `nodes.updated` gives every
+// node's figures (a cluster's nodes, or this one); a reconnect starts again from a new
+// snapshot. Events per second are the growth of conversation heads (each
 // event is one offset); active runs are the runs whose status is running, and its
 // chart shows, for each second, the most that were running at once in it.
 
@@ -22,6 +23,7 @@ const ui = {
   runsBody: byId("runs-body"),
   runsEmpty: byId("runs-empty"),
   conversationsBody: byId("conversations-body"),
+  nodesBody: byId("nodes-body"),
   activeValue: byId("active-value"),
   rateValue: byId("rate-value"),
   clientsValue: byId("clients-value"),
@@ -38,6 +40,8 @@ const state = {
   conversations: new Map(),
   clients: new Map(),
   node: null,
+  nodes: [], // every node's figures, by name
+  nodeRows: new Map(), // name -> <tr>
   events: 0, // events appended since the last chart tick
   running: 0, // runs whose status is running
   peaks: new PeakPerSecond(Date.now()), // of `running`, per second
@@ -71,6 +75,7 @@ function onFrame(frame) {
       state.conversations = new Map(frame.conversations.map((c) => [c.conversation_id, c]));
       state.clients = new Map(Object.entries(frame.clients));
       state.node = frame.node;
+      state.nodes = frame.nodes || [frame.node];
       state.running = countRunning();
       state.peaks.set(state.running, Date.now());
       break;
@@ -87,6 +92,9 @@ function onFrame(frame) {
       if (open && open.conversation_id === c.conversation_id) loadEvents();
       break;
     }
+    case "nodes.updated":
+      state.nodes = frame.nodes;
+      break;
     case "clients.updated":
       if (frame.count > 0) state.clients.set(frame.conversation_id, frame.count);
       else state.clients.delete(frame.conversation_id);
@@ -134,8 +142,9 @@ function runRow(run) {
   let row = state.rows.get(run.run_id);
   if (!row) {
     row = h("tr", { dataset: { runId: run.run_id } });
-    for (let i = 0; i < 9; i += 1) row.append(h("td"));
-    const [, id, , conversation] = row.children;
+    for (let i = 0; i < 10; i += 1) row.append(h("td"));
+    const [, id, , conversation, , , , , node] = row.children;
+    node.className = "mono";
     id.append(h("button", { type: "button", class: "link-button mono", "aria-label": `Open run ${run.run_id}`, title: run.run_id, onclick: () => showDetail(run.run_id) }, shortId(run.run_id)));
     conversation.append(h("a", { href: `/#${encodeURIComponent(run.conversation_id)}`, class: "mono" }, run.conversation_id));
     state.rows.set(run.run_id, row);
@@ -152,7 +161,8 @@ function runRow(run) {
   setText(cells[6], `${s.queued} / ${s.absorbed} / ${s.dropped}`);
   cells[6].setAttribute("aria-label", `${s.queued} waiting, ${s.absorbed} absorbed, ${s.dropped} dropped`);
   setText(cells[7], usage(run.usage));
-  const action = cells[8];
+  setText(cells[8], run.node || "—");
+  const action = cells[9];
   if (LIVE.has(run.status) && !action.firstChild) {
     action.append(h("button", { type: "button", class: "button small danger", "aria-label": `Cancel run ${run.run_id}`, onclick: (event) => cancel(run.run_id, event.currentTarget) }, "Cancel"));
   } else if (!LIVE.has(run.status) && action.firstChild) {
@@ -219,6 +229,29 @@ function visibleConversations() {
     .slice(0, MAX_ROWS);
 }
 
+// --------------------------------------------------------------------------- nodes
+
+function nodeRow(n) {
+  let row = state.nodeRows.get(n.name);
+  if (!row) {
+    row = h("tr", { dataset: { node: n.name } }, h("th", { scope: "row", class: "mono" }, n.name), h("td"), h("td"), h("td"), h("td"), h("td"));
+    state.nodeRows.set(n.name, row);
+  }
+  const cells = row.children;
+  setText(cells[1], String(n.runs));
+  setText(cells[2], String(n.clients));
+  setText(cells[3], String(Math.round(n.events_per_s)));
+  setText(cells[4], String(n.conversations));
+  setText(cells[5], duration(Date.now() - n.started_at));
+  return row;
+}
+
+function visibleNodes() {
+  const names = new Set(state.nodes.map((n) => n.name));
+  for (const name of state.nodeRows.keys()) if (!names.has(name)) state.nodeRows.delete(name);
+  return state.nodes.map(nodeRow);
+}
+
 // --------------------------------------------------------------------------- run detail
 
 function showDetail(runId) {
@@ -235,6 +268,7 @@ function showDetail(runId) {
     ["Status", run.reason ? `${run.status} (${run.reason})` : run.status],
     ["Runner", run.runner],
     ["Conversation", run.conversation_id],
+    ["Node", run.node || "unknown"],
     ["Created", new Date(run.created_at).toLocaleString()],
     ["Started", run.started_at ? new Date(run.started_at).toLocaleString() : "not yet"],
     ["Ended", run.ended_at ? new Date(run.ended_at).toLocaleString() : "not yet"],
@@ -319,6 +353,7 @@ function render() {
   ui.runsEmpty.hidden = runs.length > 0;
   ui.runsEmpty.textContent = state.runs.size ? "No runs match these filters." : "No runs yet.";
   order(ui.conversationsBody, visibleConversations().map(conversationRow));
+  order(ui.nodesBody, visibleNodes());
   let waiting = 0;
   for (const run of state.runs.values()) if (LIVE.has(run.status)) waiting += (run.steering && run.steering.queued) || 0;
   ui.activeValue.textContent = String(state.running);
