@@ -14,6 +14,7 @@ from pydantic import (
     PrivateAttr,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
 )
 from pymongo import uri_parser
@@ -138,6 +139,22 @@ class Settings(BaseModel):
     @classmethod
     def _mongodb_uri(cls, value: str) -> str:
         return _check_mongodb_uri(value) if value else value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str, info: ValidationInfo) -> str:
+        if not value:
+            return value
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("expected a redis://, rediss:// or unix:// URL")
+        # `store` and `mongodb_uri` are declared (so validated) before this field
+        store, uri = info.data.get("store"), info.data.get("mongodb_uri")
+        if store == "memory" or (store == "auto" and not uri):
+            raise ValueError(
+                "cluster mode needs one MongoDB shared by every node: "
+                "set STEERWAY_MONGODB_URI (or --store mongodb://…)"
+            )
+        return value
 
     @field_validator("web_dir")
     @classmethod

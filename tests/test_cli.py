@@ -135,6 +135,19 @@ NOT_A_RUNNER = "not built in, not a steerway.runners entry point, not module:att
             {},
             ["--log-level: expected one of critical, error, warning, info, debug, trace"],
         ),
+        (
+            [],
+            {"STEERWAY_REDIS_URL": "localhost:6379"},
+            ["STEERWAY_REDIS_URL: expected a redis://, rediss:// or unix:// URL"],
+        ),
+        (
+            ["--store", "memory"],
+            {"STEERWAY_REDIS_URL": "redis://127.0.0.1:1/0"},
+            [
+                "STEERWAY_REDIS_URL: cluster mode needs one MongoDB shared by every node: "
+                "set STEERWAY_MONGODB_URI (or --store mongodb://…)"
+            ],
+        ),
         ([], {"STEERWAY_WEB_DIR": "nowhere"}, ["STEERWAY_WEB_DIR: 'nowhere' is not a directory"]),
         # every problem of the settings, one line each
         (

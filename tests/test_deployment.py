@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
+import yaml
 
 from gateway.config import Settings, variable
 from store.embedded import free_port
@@ -22,7 +22,6 @@ NODES = ("gateway-a", "gateway-b", "gateway-c")
 
 
 def compose() -> dict[str, Any]:
-    yaml = pytest.importorskip("yaml")
     services: dict[str, Any] = yaml.safe_load((EXAMPLE / "compose.yaml").read_text())["services"]
     return services
 
