@@ -13,7 +13,7 @@ nodes own (docs/runners.md, "Remote runners in a cluster").
   (results, steering pulls, the runner's loss), and what it sends the runner
   (`run.assign` with the transcript, `steering.batch`, `run.cancel`) goes as `run.to`.
 - Order and loss: the bus publishes in order but drops what its queue cannot hold, so
-  each direction of a run is numbered, and a gap fails the run (`runner_lost`,
+  each direction of a run is numbered: a gap fails the run, a duplicate is ignored (`runner_lost`,
   retryable; the runner is told `run.cancel`). Results keep their order and go through
   the owner's result rules as any runner's.
 - Flow: the runner's node relays at most WINDOW results and pulls ahead of what the
@@ -225,7 +225,9 @@ class ClusterRunners:
         placed = self.placed.get(frame.run_id)
         if placed is None or placed.node != frame.node or placed.broken:
             return  # over already: late news
-        if frame.seq != placed.got + 1:
+        if frame.seq <= placed.got:
+            return  # a duplicate
+        if frame.seq > placed.got + 1:
             placed.fail(f"relay message {placed.got + 1} was lost")
             return
         placed.got = frame.seq
@@ -258,7 +260,9 @@ class ClusterRunners:
         serving = self.serving.get(frame.run_id)
         if serving is None or serving.owner != frame.node:
             return
-        if frame.seq != serving.got + 1:
+        if frame.seq <= serving.got:
+            return  # a duplicate
+        if frame.seq > serving.got + 1:
             log.warning("run %s of node %s: relay message lost", frame.run_id, frame.node)
             serving.end(failed=True)
             return

@@ -267,8 +267,7 @@ class RemotePool:
                 if self.assignment.withdraw(run_id, name):
                     self.leases[run_id] = lease
                     return lease
-                lease.finished = True  # placed here meanwhile: the other place goes back
-                self.finish(lease)
+                self.finish(lease)  # placed here meanwhile: the other place goes back
                 break
             changed = asyncio.ensure_future(elsewhere.changed())
             try:
