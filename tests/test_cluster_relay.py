@@ -201,6 +201,14 @@ async def test_a_lost_or_misdirected_message_to_the_runner(b: Node) -> None:
     assert b.pool.offered() == {"far": (1, True)}
 
 
+async def test_a_frame_naming_another_run_is_refused(b: Node) -> None:
+    b.deliver(to(1, assign("run_other")))
+    lost = RunFromRunner(run_id="run1", node="b", seq=1, lost=True)
+    assert await b.forwarder.bus.next() == ("a", lost)
+    await ended(b)
+    assert b.to_runner == []  # the runner never heard of either run
+
+
 async def test_the_runner_is_read_no_further_than_the_window(b: Node) -> None:
     b.deliver(to(1, assign()))
     lease = b.link.leases["run1"]

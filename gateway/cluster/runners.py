@@ -249,7 +249,8 @@ class ClusterRunners:
         run_id, name = request.run_id, request.runner
         lease = None
         if run_id is not None and name is not None and run_id not in self.serving:
-            lease = self.pool.take(run_id, name)
+            with contextlib.suppress(ValueError):  # a run id this node has placed already
+                lease = self.pool.take(run_id, name)
         if run_id is not None and lease is not None:
             serving = self.serving[run_id] = _Serving(request.reply_to, lease)
             serving.task = asyncio.create_task(self._serve(serving), name=f"relay-{run_id}")
@@ -271,6 +272,10 @@ class ClusterRunners:
             serving.taken = frame.taken
             serving.room.set()
         sent = frame.frame
+        if isinstance(sent, RunAssign | RunCancel) and sent.run_id != frame.run_id:
+            log.warning("run %s of node %s: a frame for another run", frame.run_id, frame.node)
+            serving.end(failed=True)
+            return
         if isinstance(sent, RunCancel):
             serving.end()  # the pool tells the runner `run.cancel`
         elif sent is not None:
@@ -347,12 +352,15 @@ class ClusterRunners:
 
     def on_frame(self, frame: NodeRequest | RunToRunner | RunFromRunner) -> None:
         """A `place` request or a relay message on this node's channel (in order)."""
-        if isinstance(frame, RunFromRunner):
-            self._from_runner(frame)
-        elif isinstance(frame, RunToRunner):
-            self._to_runner(frame)
-        else:
-            self._place(frame)
+        try:
+            if isinstance(frame, RunFromRunner):
+                self._from_runner(frame)
+            elif isinstance(frame, RunToRunner):
+                self._to_runner(frame)
+            else:
+                self._place(frame)
+        except Exception:  # never the end of the bus's reader
+            log.exception("cluster runners: a %s frame failed", frame.kind)
 
     async def _watch(self) -> None:
         """Once a beat: what the other nodes' runners offer, and which nodes are gone."""
