@@ -271,8 +271,29 @@ def came(seq: int, *results: Any, node: str = "b", lost: bool = False) -> RunFro
     return RunFromRunner(run_id="run1", node=node, seq=seq, results=list(results), lost=lost)
 
 
+async def test_names_offered_on_other_nodes_are_known_and_steer_if_all_do() -> None:
+    a = Node("a")
+    assert a.pool.spec("near") is None
+    a.leases.alive = {
+        "b": info({"near": [0, True], "both": [1, True]}),
+        "c": info({"both": [0, False]}),
+        "d": info({"bad": "not a pair"}),
+    }
+    a.runners.start()
+    try:
+        await a.watched()
+    finally:
+        await a.runners.stop()
+    near, both = a.pool.spec("near"), a.pool.spec("both")
+    assert near is not None
+    assert near.supports_steering
+    assert both is not None
+    assert not both.supports_steering
+    assert a.pool.spec("bad") is None
+    assert a.runners.offers["d"] == {}
+
+
 async def test_the_owner_places_on_a_node_that_offers_and_takes_its_results(a: Node) -> None:
-    assert a.pool.spec("far") is not None
     lease = await placed(a, NodeReply(id=1, placed=True))
     assert lease is not None
     lease.link.send(assign())

@@ -375,9 +375,12 @@ class ClusterRunners:
             for node, info in nodes.items():
                 if node != self.node:
                     offers[node] = _offers(info)
+            steering: dict[str, bool] = {}
             for offer in offers.values():
                 for name, (_, steers) in offer.items():
-                    self.pool.learn(name, steers)
+                    steering[name] = steering.get(name, True) and steers
+            for name, steers in steering.items():
+                self.pool.learn(name, steers)
             self.offers = offers
             changed, self._changed = self._changed, asyncio.Event()
             changed.set()

@@ -9,6 +9,8 @@ yields the results the runner sends, in order, answering its `steering.pull`
 requests in between.  So a remote result takes the very path of an in-process
 one (the driver's result rules, then the conversation actor), and a cancel,
 deadline or interrupt closes the generator, which tells the runner `run.cancel`.
+In cluster mode the pool's `elsewhere` (gateway.cluster.runners) places a run that
+finds no free runner here on another node's, behind a `Lease` of the same shape.
 """
 
 from __future__ import annotations
