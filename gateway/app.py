@@ -74,7 +74,7 @@ def create_app(
         return PlainTextResponse("ok")
 
     cluster = (
-        ClusterNode.attach(hub, settings.redis_url, settings.lease_s)
+        ClusterNode.attach(hub, settings.redis_url, settings.lease_s, pool)
         if settings.redis_url
         else None
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 
@@ -39,20 +41,25 @@ class Metrics:
         self.store_batches = Gauge(
             "steerway_store_batches", "Group commits written to the store", registry=r
         )
-        # cluster mode only (gateway/cluster): set by ClusterNode.attach
-        self.cluster_leases = Gauge(
+
+    def cluster(
+        self, leases: Callable[[], int], gaps: Callable[[], int], dropped: Callable[[], int]
+    ) -> None:
+        """Cluster mode only: what the node holds and what its bus had to repair."""
+        r = self.registry
+        Gauge(
             "steerway_cluster_leases", "Conversations whose lease this node holds", registry=r
-        )
-        self.cluster_gap_events = Gauge(
+        ).set_function(leases)
+        Gauge(
             "steerway_cluster_gap_events",
             "Events read from the store to fill a gap in a relayed stream",
             registry=r,
-        )
-        self.cluster_dropped = Gauge(
+        ).set_function(gaps)
+        Gauge(
             "steerway_cluster_dropped_messages",
             "Messages not relayed through Redis (queue full or Redis down); gaps are filled",
             registry=r,
-        )
+        ).set_function(dropped)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -21,6 +21,22 @@ def test_least_loaded_first_ties_to_the_first_joined() -> None:
     assert a.request("o1", "other") == 3  # another name is not affected
 
 
+def test_free_places_per_name_none_while_runs_wait_or_once_stopped() -> None:
+    """What a node offers the cluster (gateway.cluster.runners): free places per name."""
+    a = Assignment(max_waiting=10)
+    assert a.free() == {}
+    a.join(1, "x", 2)
+    a.join(2, "x", 1)
+    a.join(3, "y", 1)
+    assert a.request("r1", "x") == 1
+    assert a.free() == {"x": 2, "y": 1}
+    assert a.request("r2", "y") == 3
+    assert a.request("r3", "y") is Outcome.WAITING
+    assert a.free() == {"x": 2, "y": 0}
+    a.stop()
+    assert a.free() == {"x": 0, "y": 0}
+
+
 def test_a_freed_place_goes_to_the_first_waiting_run() -> None:
     a = Assignment(max_waiting=10)
     a.join(1, "x", 1)

@@ -28,7 +28,9 @@ from gateway.protocol.frames import (
     FrameLimits,
     NodeReply,
     NodeRequest,
+    RunFromRunner,
     RunSummary,
+    RunToRunner,
     encode,
     parse_node_frame,
 )
@@ -55,6 +57,9 @@ class Forwarder:
         self._pending: dict[int, Callable[[NodeReply | None], None]] = {}
         self._inbox: asyncio.Queue[NodeRequest] = asyncio.Queue(INBOX)
         self._task: asyncio.Task[None] | None = None
+        # `place` requests and run relays (remote runners across nodes, set by
+        # gateway.cluster.runners): handled as they come, never behind the inbox
+        self.runners: Callable[[NodeRequest | RunToRunner | RunFromRunner], None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._serve(), name="forwarding-inbox")
@@ -104,6 +109,10 @@ class Forwarder:
             return
         if isinstance(frame, NodeReply):
             self._answer(frame.id, frame)
+            return
+        if isinstance(frame, RunToRunner | RunFromRunner) or frame.kind == "place":
+            if self.runners is not None:
+                self.runners(frame)
             return
         try:
             self._inbox.put_nowait(frame)

@@ -27,8 +27,10 @@ from gateway.cluster.dashboard import ClusterDashboard
 from gateway.cluster.forwarding import Forwarder, RemoteConversation
 from gateway.cluster.leases import Leases, holder_node
 from gateway.cluster.redisbus import RedisBus
+from gateway.cluster.runners import ClusterRunners
 from gateway.conversation import ConversationHub, ConversationRef
 from gateway.errors import SteerwayError, StoreUnavailable
+from gateway.runners.remote import RemotePool
 from store.base import StoreError
 
 log = logging.getLogger("steerway.cluster")
@@ -39,7 +41,9 @@ MONITOR_S = 1.0
 class ClusterNode:
     """Implements the hub's `Ownership`; `attach` makes a hub a cluster node."""
 
-    def __init__(self, hub: ConversationHub, redis_url: str, lease_s: float) -> None:
+    def __init__(
+        self, hub: ConversationHub, redis_url: str, lease_s: float, pool: RemotePool | None = None
+    ) -> None:
         self.hub = hub
         self.node = hub.node
         self.redis = Redis.from_url(
@@ -48,19 +52,23 @@ class ClusterNode:
         self.leases = Leases(self.redis, self.node, lease_s)
         self.bus = RedisBus(self.redis, hub.store, self.node, self._node_message)
         self.forwarder = Forwarder(hub, self.bus)
+        self.runners = (
+            ClusterRunners(self.forwarder, self.leases, pool) if pool is not None else None
+        )
         self.draining = False
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()
 
     @classmethod
-    def attach(cls, hub: ConversationHub, redis_url: str, lease_s: float) -> ClusterNode:
-        node = cls(hub, redis_url, lease_s)
+    def attach(
+        cls, hub: ConversationHub, redis_url: str, lease_s: float, pool: RemotePool | None = None
+    ) -> ClusterNode:
+        node = cls(hub, redis_url, lease_s, pool)
         hub.bus = node.bus
         hub.cluster = node
-        metrics = hub.metrics
-        metrics.cluster_leases.set_function(lambda: len(node.leases.held))
-        metrics.cluster_gap_events.set_function(lambda: node.bus.filled)
-        metrics.cluster_dropped.set_function(lambda: node.bus.dropped)
+        hub.metrics.cluster(
+            lambda: len(node.leases.held), lambda: node.bus.filled, lambda: node.bus.dropped
+        )
         ClusterDashboard.attach(hub.dashboard, node.bus, node.leases)
         return node
 
@@ -114,6 +122,8 @@ class ClusterNode:
     async def start(self) -> None:
         self.bus.start()
         self.forwarder.start()
+        if self.runners is not None:
+            self.runners.start()
         try:
             await self._beat()
         except (RedisError, OSError) as exc:
@@ -136,6 +146,8 @@ class ClusterNode:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.runners is not None:
+            await self.runners.stop()
         with contextlib.suppress(RedisError, OSError):
             await self.leases.drop()
         await self.forwarder.stop()
@@ -156,8 +168,11 @@ class ClusterNode:
     # ------------------------------------------------------------------ loops
 
     def info(self) -> dict[str, Any]:
-        """What the liveness key says of this node: the dashboards' figures."""
-        return self.hub.dashboard.figures().wire()
+        """What the liveness key says of this node: the dashboards' figures, and the
+        places its remote runners offer to the other nodes."""
+        info = self.hub.dashboard.figures().wire()
+        info["runners"] = self.runners.offered() if self.runners is not None else {}
+        return info
 
     async def _beat(self) -> None:
         if await self.leases.beat(orjson.dumps(self.info())) and self.leases.held:

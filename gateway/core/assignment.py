@@ -56,6 +56,16 @@ class Assignment:
     def waiting_count(self, name: str) -> int:
         return len(self.waiting.get(name, ()))
 
+    def free(self) -> dict[str, int]:
+        """Places a request would get at once, per name of the runners joined (0 when
+        runs wait for the name, or once stopped)."""
+        free: dict[str, int] = {}
+        for slot in self.slots.values():
+            blocked = self.stopped or slot.name in self.waiting
+            room = 0 if blocked else slot.capacity - len(slot.runs)
+            free[slot.name] = free.get(slot.name, 0) + room
+        return free
+
     # ------------------------------------------------------------------ changes
 
     def stop(self) -> None:

@@ -668,15 +668,17 @@ def _model_default(value: object) -> object:
 
 
 class NodeRequest(Strict):
-    """A message, cancel or question forwarded to the node that runs a conversation."""
+    """A message, cancel or question forwarded to the node that runs a conversation; or
+    (`place`) a run of it asking for a remote runner connected to another node."""
 
-    kind: Literal["submit", "cancel", "describe"]
+    kind: Literal["submit", "cancel", "describe", "place"]
     id: int
     reply_to: str  # the asking node
     conversation_id: str
     frame: MessageFrame | None = None  # submit
     author: str = "anonymous"
-    run_id: str | None = None  # cancel
+    run_id: str | None = None  # cancel, place
+    runner: RunnerName | None = None  # place
 
 
 class NodeReply(Strict):
@@ -688,12 +690,43 @@ class NodeReply(Strict):
     published: int = 0  # describe
     active_run: RunSummary | None = None
     queued_runs: int = 0
+    placed: bool = False  # place: a runner of the node took the run
 
 
-NodeFrame = Annotated[NodeRequest | NodeReply, Field(discriminator="kind")]
-_node_frame: TypeAdapter[NodeRequest | NodeReply] = TypeAdapter(NodeFrame)
+# A run placed on a remote runner connected to another node (gateway.cluster.runners):
+# what passes between the run's owner node and the runner's node. Each direction of a
+# run is numbered from 1; a gap (a message the bus dropped) fails the run.
 
 
-def parse_node_frame(raw: bytes, limits: FrameLimits) -> NodeRequest | NodeReply:
+class RunToRunner(Strict):
+    """Owner node -> runner node: a frame for the runner, and flow control."""
+
+    kind: Literal["run.to"] = "run.to"
+    run_id: RunId
+    node: str  # the sender
+    seq: int
+    frame: Annotated[RunAssign | SteeringBatch | RunCancel, Discriminator("type")] | None = None
+    taken: int = 0  # results and pulls the owner's run has taken so far
+
+
+class RunFromRunner(Strict):
+    """Runner node -> owner node: the runner's results in order, or a steering pull, or
+    the news that it went away."""
+
+    kind: Literal["run.from"] = "run.from"
+    run_id: RunId
+    node: str
+    seq: int
+    results: list[Any] = []
+    pull: SteeringPullFrame | None = None
+    lost: bool = False
+
+
+NodeFrameType = NodeRequest | NodeReply | RunToRunner | RunFromRunner
+NodeFrame = Annotated[NodeFrameType, Field(discriminator="kind")]
+_node_frame: TypeAdapter[NodeFrameType] = TypeAdapter(NodeFrame)
+
+
+def parse_node_frame(raw: bytes, limits: FrameLimits) -> NodeFrameType:
     """A frame from another node; its message is validated under this node's limits."""
     return _node_frame.validate_json(raw, context=limits)

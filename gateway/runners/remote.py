@@ -9,6 +9,8 @@ yields the results the runner sends, in order, answering its `steering.pull`
 requests in between.  So a remote result takes the very path of an in-process
 one (the driver's result rules, then the conversation actor), and a cancel,
 deadline or interrupt closes the generator, which tells the runner `run.cancel`.
+In cluster mode the pool's `elsewhere` (gateway.cluster.runners) places a run that
+finds no free runner here on another node's, behind a `Lease` of the same shape.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import itertools
 import logging
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from gateway.core.assignment import Assignment, Outcome
 from gateway.core.conversation import RunnerSpec
@@ -83,6 +85,17 @@ class Lease:
         self._room.set()
         return self.items.popleft()
 
+    def offer(self, items: list[object], limit: int) -> bool:
+        """Queue items without waiting (cluster mode: relayed from another node, which
+        keeps within `limit`); False, and nothing queued, when they would pass it."""
+        if self.closed:
+            return True
+        if len(self.items) + len(items) > limit:
+            return False
+        self.items.extend(items)
+        self._ready.set()
+        return True
+
     def lose(self) -> None:
         self.lost = True
         self._ready.set()
@@ -125,6 +138,16 @@ class RunnerLink:
             self._ended.popitem(last=False)
 
 
+class Elsewhere(Protocol):
+    """Cluster mode: the remote runners connected to other nodes (gateway.cluster.runners)."""
+
+    async def place(self, run_id: str, name: str) -> Lease | None:
+        """A place for the run on a free runner of `name` of another node, if any."""
+
+    async def changed(self) -> None:
+        """Return when what the other nodes' runners offer may have changed."""
+
+
 class RemotePool:
     """Every connected remote runner, and the runs waiting for one."""
 
@@ -147,6 +170,7 @@ class RemotePool:
         self._waiting: dict[str, asyncio.Future[Lease]] = {}
         self._runners: dict[str, RemoteRunner] = {}
         self._ids = itertools.count(1)
+        self.elsewhere: Elsewhere | None = None  # set in cluster mode
 
     # ------------------------------------------------------------------ names
 
@@ -159,6 +183,18 @@ class RemotePool:
         if options.supports_steering is not None:
             steers = steers and options.supports_steering
         return RunnerSpec(name, steers, options.leftover_steering or "follow_up", remote=True)
+
+    def learn(self, name: str, supports_steering: bool) -> None:
+        """A runner of `name` is connected to another node (cluster mode)."""
+        if not any(link.name == name for link in self.links.values()):
+            self.known[name] = supports_steering
+
+    def offered(self) -> dict[str, tuple[int, bool]]:
+        """Per name of the runners connected here: free places, whether all steer."""
+        steers: dict[str, bool] = {}
+        for link in self.links.values():
+            steers[link.name] = steers.get(link.name, True) and link.supports_steering
+        return {name: (free, steers[name]) for name, free in self.assignment.free().items()}
 
     def runner(self, name: str) -> RemoteRunner | None:
         if name not in self.known:
@@ -206,7 +242,7 @@ class RemotePool:
                 waiting = self._waiting[run_id] = asyncio.get_running_loop().create_future()
                 try:
                     async with asyncio.timeout(self.wait_s):
-                        lease = await waiting
+                        lease = await self._wait(run_id, name, waiting)
                 except TimeoutError:
                     raise RunnerUnavailable(
                         f"no runner named {name!r} was free within {self.wait_s:g} s"
@@ -221,7 +257,35 @@ class RemotePool:
             if lease is None:
                 self.assignment.withdraw(run_id, name)
             else:
-                self._finish(lease)
+                self.finish(lease)
+
+    async def _wait(self, run_id: str, name: str, waiting: asyncio.Future[Lease]) -> Lease:
+        """Wait for a runner here; in cluster mode, take a free one of another node as
+        soon as one is heard of instead."""
+        elsewhere = self.elsewhere
+        while elsewhere is not None and not waiting.done() and not self.assignment.stopped:
+            lease = await elsewhere.place(run_id, name)
+            if lease is not None:
+                if self.assignment.withdraw(run_id, name):
+                    self.leases[run_id] = lease
+                    return lease
+                self.finish(lease)  # placed here meanwhile: the other place goes back
+                break
+            changed = asyncio.ensure_future(elsewhere.changed())
+            try:
+                await asyncio.wait((waiting, changed), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                changed.cancel()
+        return await waiting
+
+    def take(self, run_id: str, name: str) -> Lease | None:
+        """A free runner of `name` now, or None: nothing waits (cluster mode: a run of
+        another node, which asks elsewhere or waits there)."""
+        if self.assignment.free().get(name, 0) <= 0:
+            return None
+        runner_id = self.assignment.request(run_id, name)
+        assert isinstance(runner_id, int)
+        return self._lease(run_id, runner_id)
 
     def _lease(self, run_id: str, runner_id: int) -> Lease:
         link = self.links[runner_id]
@@ -238,7 +302,7 @@ class RemotePool:
                 continue
             waiting.set_result(self._lease(run_id, runner_id))
 
-    def _finish(self, lease: Lease) -> None:
+    def finish(self, lease: Lease) -> None:
         """The run is over for the gateway: tell the runner if it did not end it itself,
         and give its place to the next run waiting."""
         link, run_id = lease.link, lease.run_id
@@ -246,8 +310,10 @@ class RemotePool:
             link.send(RunCancel(run_id=run_id))
         lease.close()
         link.forget(run_id)
-        self.leases.pop(run_id, None)
-        self._wake(self.assignment.release(run_id))
+        if self.leases.get(run_id) is lease:
+            del self.leases[run_id]
+        if self.links.get(link.runner_id) is link:  # not a runner of another node
+            self._wake(self.assignment.release(run_id))
 
 
 class RemoteRunner:
