@@ -157,11 +157,16 @@ def test_invariants_hold_whatever_happens(script: list[tuple[Any, ...]]) -> None
         elif op[0] == "withdraw" and runs:
             run_id = runs[op[1] % len(runs)]
             a.withdraw(run_id, names[run_id])
-        for run_id, rid in placements:  # least-loaded of its name when placed
+        for run_id, rid in placements:  # least-loaded of the free runners of its name
             name = a.slots[rid].name
             assert name == names.get(run_id, name)
-            loads = [len(s.runs) for s in a.slots.values() if s.name == name]
-            assert len(a.slots[rid].runs) - 1 <= min(loads)
+            # a runner free now was free when the run was placed: it had no fewer runs
+            others = [
+                len(s.runs)
+                for s in a.slots.values()
+                if s.name == name and s.runner_id != rid and s.free
+            ]
+            assert len(a.slots[rid].runs) - 1 <= min(others, default=len(a.slots[rid].runs))
         placed = a.placed
         waiting = [r for q in a.waiting.values() for r in q]
         assert len(waiting) == len(set(waiting))
