@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway.cluster.runners import BATCH, WINDOW, ClusterRunners
+from gateway.cluster.runners import BATCH, BATCH_BYTES, WINDOW, ClusterRunners
 from gateway.protocol.frames import (
     FrameLimits,
     NodeReply,
@@ -185,6 +185,20 @@ async def test_the_runner_gets_the_owners_frames_and_the_owner_its_results_in_or
     assert b.pool.offered() == {"far": (1, True)}
     b.deliver(to(3, RunCancel(run_id="run1")))
     assert len(b.to_runner) == 2
+
+
+async def test_large_results_are_relayed_in_messages_of_about_a_mebibyte(b: Node) -> None:
+    """Redis drops a subscriber whose pub/sub buffer passes its limit: a relay message
+    holds at most about BATCH_BYTES of results, however large each is."""
+    b.deliver(to(1, assign()))
+    lease = b.link.leases["run1"]
+    big = [{"type": "message.delta", "data": {"chunk": "x" * 300_000}} for _ in range(8)]
+    for item in [*big, {"type": "run.completed", "data": {}}]:
+        await lease.put(item)
+    got = await relayed(b, ends)
+    assert [x for m in got for x in m.results] == [*big, {"type": "run.completed", "data": {}}]
+    assert len(got) >= 3
+    assert all(len(orjson.dumps(m.results)) < BATCH_BYTES + 310_000 for m in got)
 
 
 async def test_a_lost_or_misdirected_message_to_the_runner(b: Node) -> None:

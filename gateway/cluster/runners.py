@@ -58,6 +58,9 @@ log = logging.getLogger("steerway.cluster")
 WINDOW = LEASE_ITEMS  # results and pulls relayed ahead of what the owner's run took
 CREDIT_EVERY = WINDOW // 4
 BATCH = 64  # results in one `run.from` message
+# ... and about this many bytes of them: far below Redis's pub/sub output buffer limits
+# (8 MiB soft, 32 MiB hard by default), whatever the runner sends (up to 2 MiB a frame)
+BATCH_BYTES = 1024 * 1024
 ASSIGN_TIMEOUT_S = 2 * FORWARD_TIMEOUT_S  # a place taken for a run whose owner said no more
 
 
@@ -298,13 +301,16 @@ class ClusterRunners:
                 pull = item if isinstance(item, SteeringPullFrame) else None
                 if pull is None:
                     results.append(item)
+                    size = len(orjson.dumps(item))
                     while (
                         lease.items
                         and len(results) < BATCH
+                        and size < BATCH_BYTES
                         and not is_terminal(results[-1])
                         and not isinstance(lease.items[0], SteeringPullFrame)
                     ):
                         results.append(await lease.get())
+                        size += len(orjson.dumps(results[-1]))
                 while serving.relayed - serving.taken >= WINDOW:
                     serving.room.clear()
                     await serving.room.wait()
