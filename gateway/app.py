@@ -78,6 +78,8 @@ def create_app(
         if settings.redis_url
         else None
     )
+    if cluster is not None:  # presence crosses nodes on the cluster's bus
+        hub.presence.attach(hub.bus)
 
     async def readyz(request: Request) -> Response:
         try:

@@ -39,6 +39,7 @@ from gateway.protocol.frames import (
     NodeInfo,
     PingFrame,
     Pong,
+    PresenceUpdated,
     RunUpdated,
     Snapshot,
     encode,
@@ -78,6 +79,7 @@ class DashboardFeed:
         self._outboxes: dict[Outbox, None] = {}
         self._sent: dict[str, float] = {}  # conversation -> loop time of its last update
         self._due: dict[str, asyncio.TimerHandle] = {}  # conversation -> its next update
+        self._presence_due: dict[str, asyncio.TimerHandle] = {}  # presence.updated, likewise
 
     def subscribe(self, outbox: Outbox) -> None:
         self._outboxes[outbox] = None
@@ -85,9 +87,10 @@ class DashboardFeed:
     def unsubscribe(self, outbox: Outbox) -> None:
         self._outboxes.pop(outbox, None)
         if not self._outboxes:
-            for timer in self._due.values():
+            for timer in [*self._due.values(), *self._presence_due.values()]:
                 timer.cancel()
             self._due.clear()
+            self._presence_due.clear()
             self._sent.clear()
 
     # ------------------------------------------------------------------ hooks
@@ -108,6 +111,22 @@ class DashboardFeed:
         frame = ClientsUpdated(conversation_id=conversation_id, count=count)
         self._publish([Frame.of(encode(frame))])
         self._changed(conversation_id)
+
+    def presence_changed(self, conversation_id: str) -> None:
+        """Someone came, went, or started or stopped typing or steering: the people of
+        the conversation, at most 4 times a second, as they are when sent."""
+        if not self._outboxes or conversation_id in self._presence_due:
+            return
+        loop = asyncio.get_running_loop()
+        self._presence_due[conversation_id] = loop.call_later(
+            THROTTLE_S, self._emit_presence, conversation_id
+        )
+
+    def _emit_presence(self, conversation_id: str) -> None:
+        self._presence_due.pop(conversation_id, None)
+        people = self.hub.presence.people(conversation_id)
+        frame = PresenceUpdated(conversation_id=conversation_id, people=people)
+        self._publish([Frame.of(encode(frame))])
 
     # ------------------------------------------------------------------ throttle
 
@@ -163,6 +182,7 @@ class DashboardFeed:
                 reverse=True,
             ),
             clients={cid: n for cid in hub.actors if (n := hub.bus.count(cid))},
+            presence={cid: hub.presence.people(cid) for cid in hub.presence.rooms()},
             node=NodeInfo(name=hub.node, started_at=self.started_at, conversations=len(hub.actors)),
         )
 
