@@ -607,12 +607,14 @@ class SteeringItem(Strict):
 
 
 class RunAssign(Strict):
+    omit_none = ("traceparent",)
     type: Literal["run.assign"] = "run.assign"
     run_id: str
     conversation_id: str
     trigger_message_ids: list[str]
     messages: list[TranscriptItem]
     deadline_ms: int
+    traceparent: str | None = None  # the run's trace (W3C), when the gateway traces runs
 
 
 class SteeringBatch(Strict):
