@@ -12,7 +12,7 @@ from starlette.responses import FileResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
-from gateway import auth
+from gateway import auth, tracing
 from gateway.agui.endpoint import AguiEndpoint
 from gateway.auth import Refused
 from gateway.bus import Bus, MemoryBus
@@ -78,6 +78,8 @@ def create_app(
         if settings.redis_url
         else None
     )
+    if cluster is not None:  # presence crosses nodes on the cluster's bus
+        hub.presence.attach(hub.bus)
 
     async def readyz(request: Request) -> Response:
         try:
@@ -129,6 +131,8 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if settings.otlp_endpoint:
+            tracing.enable(hub.node, settings.otlp_endpoint)
         hub.start()
         if cluster is not None:
             await cluster.start()
@@ -143,6 +147,8 @@ def create_app(
             await hub.shutdown(settings.shutdown_grace_s)
             if cluster is not None:
                 await cluster.stop()
+            if settings.otlp_endpoint:
+                tracing.disable()  # flushes the spans not yet exported
 
     auth.redact_logs()
     app = Starlette(routes=routes, lifespan=lifespan)

@@ -8,6 +8,7 @@ receives those same objects.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from gateway.outbox import Frame
@@ -19,6 +20,10 @@ class Subscriber(Protocol):
 
 
 class Bus(Protocol):
+    # Frames another node broadcast (presence): set by the presence board, called after
+    # they reached this node's subscribers. A single process never calls it.
+    on_broadcast: Callable[[str, list[Frame]], None] | None
+
     async def join(self, conversation_id: str) -> None:
         """Before subscribing: make this node receive the conversation's events (a
         cluster's channel, subscribed and caught up); `leave` undoes it."""
@@ -35,6 +40,11 @@ class Bus(Protocol):
 
     def publish(self, conversation_id: str, frames: list[Frame]) -> None: ...
 
+    def broadcast(self, conversation_id: str, frames: list[Frame], here: bool = True) -> None:
+        """Ephemeral frames (no offset, never stored) to every subscriber of the
+        conversation on every node, this one too unless `here` is False: at most once,
+        never gap-filled, never holding back or held back by events."""
+
     def count(self, conversation_id: str) -> int:
         """Subscribers of a conversation on this node."""
 
@@ -44,6 +54,7 @@ class MemoryBus:
 
     def __init__(self) -> None:
         self._subs: dict[str, dict[Subscriber, None]] = {}
+        self.on_broadcast: Callable[[str, list[Frame]], None] | None = None
 
     async def join(self, conversation_id: str) -> None:
         return None  # one process: the actor publishes here
@@ -71,6 +82,10 @@ class MemoryBus:
         if subs:
             for sub in tuple(subs):
                 sub.deliver(frames)
+
+    def broadcast(self, conversation_id: str, frames: list[Frame], here: bool = True) -> None:
+        if here:
+            self.publish(conversation_id, frames)
 
     def count(self, conversation_id: str) -> int:
         return len(self._subs.get(conversation_id, ()))

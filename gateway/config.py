@@ -121,6 +121,11 @@ class Settings(BaseModel):
     lease_s: float = Field(
         10.0, ge=1.0, description="cluster: a lost node's conversations are taken over within"
     )
+    otlp_endpoint: str = Field(
+        "",
+        description="trace runs to this OTLP/HTTP collector (http://host:4318/v1/traces); "
+        "needs pip install 'steerway[otel]'",
+    )
     web_dir: Path = Field(default_factory=_pages, description="the pages: index.html, ...")
     log_level: str = Field("info", description=", ".join(LOG_LEVELS))
     # the fields given as flags, so that an error names the setting as it was given
@@ -154,6 +159,19 @@ class Settings(BaseModel):
                 "cluster mode needs one MongoDB shared by every node: "
                 "set STEERWAY_MONGODB_URI (or --store mongodb://…)"
             )
+        return value
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _otlp_endpoint(cls, value: str) -> str:
+        if not value:
+            return value
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("expected an http:// or https:// URL (OTLP over HTTP)")
+        from gateway import tracing
+
+        if not tracing.available():
+            raise ValueError("tracing needs opentelemetry-sdk: pip install 'steerway[otel]'")
         return value
 
     @field_validator("web_dir")

@@ -44,6 +44,7 @@ from gateway.orchestrator import (
     RunTimeout,
     SteeringPull,
 )
+from gateway.presence import PresenceBoard
 from gateway.protocol.codes import ErrorCode
 from gateway.protocol.frames import Ack, MessageFrame, RunError, RunSummary, UserMessage
 from gateway.runners.base import TranscriptMessage, context_messages
@@ -521,6 +522,8 @@ class ConversationHub:
         self.cluster: Ownership | None = None  # set by gateway.cluster in cluster mode
         self.actors: dict[str, ConversationActor] = {}
         self.dashboard = DashboardFeed(self)
+        liveness_s = settings.ws_ping_interval_s + settings.ws_ping_timeout_s
+        self.presence = PresenceBoard(bus, liveness_s, self.dashboard.presence_changed)
         self._loading: dict[str, asyncio.Future[ConversationRef]] = {}
         self._ending: asyncio.Task[None] | None = None
 
@@ -589,6 +592,7 @@ class ConversationHub:
                     await actor.task
             for driver in drivers:
                 await driver.wait()
+        await self.presence.stop()
         await self.committer.stop()
 
     async def get(self, conversation_id: str) -> ConversationRef:

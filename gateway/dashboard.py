@@ -47,6 +47,7 @@ from gateway.protocol.frames import (
     NodesUpdated,
     PingFrame,
     Pong,
+    PresenceUpdated,
     RunUpdated,
     Snapshot,
     encode,
@@ -106,6 +107,7 @@ class DashboardFeed:
         self._remote: dict[str, dict[str, int]] = {}  # node -> conversation -> its sockets
         self._nodes: asyncio.Task[None] | None = None
         self._rate = (0.0, 0.0, 0.0)  # (monotonic time, events total) then, rate since
+        self._presence_due: dict[str, asyncio.TimerHandle] = {}  # presence.updated, likewise
 
     def subscribe(self, outbox: Outbox) -> None:
         self._outboxes[outbox] = None
@@ -123,6 +125,9 @@ class DashboardFeed:
                     timer.cancel()
                 self._due.clear()
                 self._sent.clear()
+            for timer in self._presence_due.values():
+                timer.cancel()
+            self._presence_due.clear()
 
     @property
     def _watched(self) -> bool:
@@ -243,6 +248,22 @@ class DashboardFeed:
             nodes = await self.nodes()
             self._publish([Frame.of(encode(NodesUpdated(nodes=nodes)))])
 
+    def presence_changed(self, conversation_id: str) -> None:
+        """Someone came, went, or started or stopped typing or steering: the people of
+        the conversation, at most 4 times a second, as they are when sent."""
+        if not self._outboxes or conversation_id in self._presence_due:
+            return
+        loop = asyncio.get_running_loop()
+        self._presence_due[conversation_id] = loop.call_later(
+            THROTTLE_S, self._emit_presence, conversation_id
+        )
+
+    def _emit_presence(self, conversation_id: str) -> None:
+        self._presence_due.pop(conversation_id, None)
+        people = self.hub.presence.people(conversation_id)
+        frame = PresenceUpdated(conversation_id=conversation_id, people=people)
+        self._publish([Frame.of(encode(frame))])
+
     # ------------------------------------------------------------------ throttle
 
     def _changed(self, conversation_id: str) -> None:
@@ -303,6 +324,7 @@ class DashboardFeed:
             clients={
                 cid: n for cid in self._conversations_with_clients() if (n := self.clients(cid))
             },
+            presence={cid: hub.presence.people(cid) for cid in hub.presence.rooms()},
             node=next(n for n in nodes if n.name == hub.node),
             nodes=nodes,
         )

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway import tracing
 from gateway.bus import Bus
 from gateway.core.conversation import Effects
 from gateway.core.runs import Run
@@ -50,6 +51,7 @@ class _InFlight:
     frames: list[Frame]
     then: list[Callable[[], None]] = field(default_factory=list)
     failed: list[Callable[[StoreConflict], None]] = field(default_factory=list)
+    spans: list[Any] | None = None  # the batch's store commit spans (gateway.tracing)
 
 
 class EventLog:
@@ -133,10 +135,12 @@ class EventLog:
             ],
             fences={} if self.epoch is None else {cid: self.epoch},
         )
+        traces = tracing.RUNS  # None unless runs are traced: then this is all it costs
+        spans = None if traces is None else traces.observe(cid, fx.events)
         while len(self._inflight) >= PIPELINE_DEPTH:
             await asyncio.wait([self._inflight[0].stored])
         stored = await self._committer.submit(batch, writer=self)
-        self._inflight.append(_InFlight(stored, self.head, frames))
+        self._inflight.append(_InFlight(stored, self.head, frames, spans=spans))
         stored.add_done_callback(self._stored)
         return frames
 
@@ -169,6 +173,8 @@ class EventLog:
             if batch.stored.cancelled():  # the committer stopped: nothing more is published
                 continue
             exc = batch.stored.exception()
+            if batch.spans:
+                tracing.stored(batch.spans, exc or self.conflict)
             if exc is not None or self.conflict is not None:
                 self._refused(batch, exc)
                 continue

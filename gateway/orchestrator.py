@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from gateway import tracing
 from gateway.core.ids import now_ms
 from gateway.core.results import Result, ResultNormalizer
 from gateway.core.runs import Run, UserText
@@ -174,6 +175,7 @@ class RunDriver:
             triggers=[SteeringMessage(t.message_id, t.text, t.author, t.ts) for t in run.triggers],
             steering=_Inbox(run, self._post),
             deadline_ms=now_ms() + int(self._deadline_s * 1000),
+            traceparent=None if tracing.RUNS is None else tracing.RUNS.traceparent(run.run_id),
         )
         self.ctx = ctx
         runner = self._runner

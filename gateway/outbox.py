@@ -59,6 +59,7 @@ class Outbox:
         "_waiter",
         "closed",
         "direct",
+        "events_only",
         "floor",
         "max_bytes",
         "max_frames",
@@ -78,6 +79,8 @@ class Outbox:
         self.overflowed = False
         self.closed = False
         self.merged = 0  # frames saved by merging, for metrics and tests
+        # a client that did not ask for presence: the bus's ephemeral frames are not for it
+        self.events_only = False
         # Writes a frame to the socket at once, or says False: used only while the queue is
         # empty and its writer is parked, so that order is kept.
         self.direct: Callable[[Frame], bool] | None = None
@@ -91,9 +94,11 @@ class Outbox:
         return self._bytes
 
     def deliver(self, frames: list[Frame]) -> None:
-        """Bus subscriber entry point: events of this conversation, ascending."""
+        """Bus subscriber entry point: events of this conversation, ascending, and
+        ephemeral frames (offset 0)."""
         for frame in frames:
-            self.put(frame)
+            if frame.offset or not self.events_only:
+                self.put(frame)
 
     def put(self, frame: Frame) -> None:
         if self.closed or self.overflowed:

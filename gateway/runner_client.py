@@ -115,6 +115,7 @@ class _Session:
             triggers=triggers,
             steering=_Steering(self, frame.run_id),
             deadline_ms=frame.deadline_ms,
+            traceparent=frame.traceparent,
         )
 
     async def pull(

@@ -34,6 +34,7 @@ from gateway.protocol.frames import (
     MessageFrame,
     PingFrame,
     Pong,
+    PresenceInput,
     Ready,
     encode,
     is_conversation_id,
@@ -78,6 +79,14 @@ def parse_after(values: list[str] | None) -> int | None:
     return int(raw)
 
 
+def parse_flag(values: list[str] | None, name: str) -> bool:
+    """A yes/no query parameter: absent, `0` or `1`; anything else is a 400."""
+    raw = values[-1] if values else "0"
+    if raw not in ("0", "1"):
+        raise BadRequest(400, ErrorCode.INVALID_FRAME, f"`{name}` must be 0 or 1")
+    return raw == "1"
+
+
 async def deny(send: Any, scope: Scope, error: BadRequest) -> None:
     """Refuse before the upgrade with an HTTP answer, where the server supports it."""
     body = orjson.dumps({"error": {"code": error.code.value, "message": error.message}})
@@ -111,6 +120,7 @@ class ConversationSocket:
             if not is_conversation_id(cid):
                 raise BadRequest(400, ErrorCode.INVALID_FRAME, "illegal conversation id")
             after = parse_after(query.get("after"))
+            presence = parse_flag(query.get("presence"), "presence")
         except BadRequest as exc:
             await deny(send, scope, exc)
             return
@@ -129,6 +139,7 @@ class ConversationSocket:
             label = (query.get("client") or [""])[-1][:64]
             prebuilt = scope.get("extensions", {}).get(PREBUILT, {}).get("write")
             session = Session(self.hub, actor, send, receive, after, label, who.author, prebuilt)
+            session.outbox.events_only = not presence
             await session.serve()
         finally:
             self.slots.release(cid)
@@ -176,6 +187,7 @@ class Session:
             await self._close(CloseCode.INTERNAL_ERROR, exc.message[:120])
             return
         hub.dashboard.clients_changed(self.cid)
+        hub.presence.join(self.cid, self.session_id, self.author, self.label, self.outbox)
         self.outbox.floor = max(head, self.after or 0)
         ready = Ready(
             conversation_id=self.cid,
@@ -190,6 +202,7 @@ class Session:
         try:
             await self._read()
         finally:
+            hub.presence.leave(self.cid, self.session_id)
             hub.unfollow(self.cid, self.outbox)
             hub.dashboard.clients_changed(self.cid)
             metrics.connections.labels("conversation").dec()
@@ -260,6 +273,8 @@ class Session:
             self._error(outcome)
         else:
             self.outbox.put(Frame.of(encode(outcome)))
+            if isinstance(outcome, Ack) and outcome.route != "queue" and not outcome.duplicate:
+                self.hub.presence.steered(self.cid, self.session_id)
 
     def _error(self, error: SteerwayError) -> None:
         self.hub.metrics.client_errors.labels(error.code.value).inc()
@@ -295,6 +310,9 @@ class Session:
                 continue
             if isinstance(frame, PingFrame):
                 self.outbox.put(Frame.of(encode(Pong(nonce=frame.nonce))))
+                continue
+            if isinstance(frame, PresenceInput):
+                self.hub.presence.set_state(self.cid, self.session_id, frame.state)
                 continue
             try:
                 if isinstance(frame, MessageFrame):

@@ -34,7 +34,7 @@ def sse(obj: Any) -> bytes:
 
 class FakeOpenAI:
     def __init__(self) -> None:
-        self.requests: list[dict[str, Any]] = []  # {"body", "authorization"}
+        self.requests: list[dict[str, Any]] = []  # {"body", "authorization", "traceparent"}
         self.gate = asyncio.Event()
         self.disconnected = asyncio.Event()  # a stream's client went away before its end
         self.app = Starlette(
@@ -48,7 +48,13 @@ class FakeOpenAI:
 
     async def completions(self, request: Request) -> Response:
         body = await request.json()
-        self.requests.append({"body": body, "authorization": request.headers.get("authorization")})
+        self.requests.append(
+            {
+                "body": body,
+                "authorization": request.headers.get("authorization"),
+                "traceparent": request.headers.get("traceparent"),
+            }
+        )
         last = body["messages"][-1]["content"]
         status = re.fullmatch(r"(\d{3})", last)
         if status:

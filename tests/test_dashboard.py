@@ -58,7 +58,15 @@ async def test_snapshot_holds_runs_conversations_clients_and_node() -> None:
         ended = await expect(ws, "run.ended")
         async with dashboard(gw) as dash:
             snap = dash.frames[0]
-            assert set(snap) == {"type", "runs", "conversations", "clients", "node", "nodes"}
+            assert set(snap) == {
+                "type",
+                "runs",
+                "conversations",
+                "clients",
+                "node",
+                "nodes",
+                "presence",
+            }
             assert snap["runs"] == [await rest_run(http, ended["run_id"])]
             assert snap["runs"][0]["node"] == gw.hub.node  # the node that ran it
             assert snap["conversations"] == [
@@ -70,6 +78,15 @@ async def test_snapshot_holds_runs_conversations_clients_and_node() -> None:
                 }
             ]
             assert snap["clients"] == {"snap": 1}
+            # its one client, anonymous, is the one steering (it started the run)
+            person = {
+                "session_id": ws.frames[0]["session_id"],
+                "user": "anonymous",
+                "client": "",
+                "state": "watching",
+                "steering": True,
+            }
+            assert snap["presence"] == {"snap": [person]}
             node = snap["node"]
             assert node["name"] == gw.hub.node
             assert (node["protocol"], node["conversations"]) == (1, 1)

@@ -190,6 +190,8 @@ class AguiRunner:
         state: Any = {}
         timeout = httpx.Timeout(o.timeout_s, write=o.timeout_s, pool=o.timeout_s)
         headers = {"Accept": "text/event-stream", **o.headers}
+        if ctx.traceparent is not None:  # the agent's spans join the run's trace
+            headers["traceparent"] = ctx.traceparent
         async with httpx.AsyncClient(timeout=timeout, headers=headers) as http:
             for turn_no in range(o.max_turns):
                 body = {

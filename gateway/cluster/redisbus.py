@@ -9,8 +9,9 @@ Events are published only once stored, so the store always has what a gap lacks.
 
 A message on the wire: one JSON header line, then the frames' texts, one a line
 (JSON text never holds a raw newline): `{"n": node, "o": first offset}` for events,
-`{"n": node, "h": head}` for a head tick. A node's own messages come back from Redis
-and are skipped: it delivered them when it published.
+`{"n": node, "h": head}` for a head tick, `{"n": node, "b": 1}` for ephemeral frames
+(presence: no offset, delivered as they come, never gap-filled). A node's own messages
+come back from Redis and are skipped: it delivered them when it published.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ class RedisBus:
         self.node = node
         self._on_node_message = on_node_message
         self._local = MemoryBus()  # this node's subscribers
+        self.on_broadcast: Callable[[str, list[Frame]], None] | None = None
         self._channels: dict[str, _Channel] = {}
         self._outgoing: asyncio.Queue[tuple[bytes, bytes]] = asyncio.Queue(PUBLISH_QUEUE)
         self._recent: dict[str, int] = {}  # conversation -> head, published since the tick
@@ -172,6 +174,17 @@ class RedisBus:
         """Read `channel` too (before `start`): `on_subscribed` is called each time the
         subscription is made, again after Redis came back."""
         self._listeners[channel] = (on_message, on_subscribed)
+
+    def broadcast(self, conversation_id: str, frames: list[Frame], here: bool = True) -> None:
+        """Ephemeral frames: to this node's subscribers now (unless not `here`), to the
+        other nodes' through Redis, at most once."""
+        if not frames:
+            return
+        if here:
+            self._deliver(conversation_id, frames)
+        body = "\n".join(f.text for f in frames).encode()
+        header = orjson.dumps({"n": self.node, "b": 1})
+        self.send(conversation_channel(conversation_id), header + b"\n" + body)
 
     def send(self, channel: bytes, data: bytes) -> None:
         """Queue a message for Redis, in order; dropped when the queue is full."""
@@ -372,6 +385,12 @@ class RedisBus:
         if meta.get("n") == self.node:
             return
         cid = channel.decode()[len(PREFIX) + 2 :]
+        if "b" in meta:  # ephemeral: no offset, nothing to order or fill
+            frames = [Frame.of(text) for text in body.split(b"\n")]
+            self._deliver(cid, frames)
+            if self.on_broadcast is not None:
+                self.on_broadcast(cid, frames)
+            return
         if "h" in meta:
             ch = self._channels.get(cid)
             if ch is not None and ch.delivered is not None and meta["h"] > ch.delivered:

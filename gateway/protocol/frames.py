@@ -129,8 +129,20 @@ class PingFrame(Strict):
     nonce: Annotated[str, StringConstraints(max_length=128)] | None = None
 
 
-ClientFrame = Annotated[MessageFrame | CancelFrame | PingFrame, Discriminator("type")]
-_client_frame: TypeAdapter[MessageFrame | CancelFrame | PingFrame] = TypeAdapter(ClientFrame)
+PresenceState = Literal["watching", "typing"]
+
+
+class PresenceInput(Strict):
+    """What the client is doing: typing (sent again every few seconds while it lasts),
+    or watching again. Never stored; told to the conversation's other clients."""
+
+    type: Literal["presence"]
+    state: PresenceState
+
+
+AnyClientFrame = MessageFrame | CancelFrame | PingFrame | PresenceInput
+ClientFrame = Annotated[AnyClientFrame, Discriminator("type")]
+_client_frame: TypeAdapter[AnyClientFrame] = TypeAdapter(ClientFrame)
 
 
 def _dumps_checked(value: object) -> bytes:
@@ -158,9 +170,7 @@ def _valid_msg_id(obj: dict[str, Any]) -> str | None:
     return None
 
 
-def parse_client_frame(
-    raw: str | bytes, limits: FrameLimits = PROTOCOL_LIMITS
-) -> MessageFrame | CancelFrame | PingFrame:
+def parse_client_frame(raw: str | bytes, limits: FrameLimits = PROTOCOL_LIMITS) -> AnyClientFrame:
     """Parse one WebSocket text frame; raise FrameError with the code section 3 gives."""
     try:
         obj = orjson.loads(raw)
@@ -169,15 +179,13 @@ def parse_client_frame(
     return validate_client_frame(obj, limits)
 
 
-def validate_client_frame(
-    obj: object, limits: FrameLimits = PROTOCOL_LIMITS
-) -> MessageFrame | CancelFrame | PingFrame:
+def validate_client_frame(obj: object, limits: FrameLimits = PROTOCOL_LIMITS) -> AnyClientFrame:
     """Validate an already decoded JSON value as a client frame."""
     if not isinstance(obj, dict):
         raise FrameError("a frame must be a JSON object")
     msg_id = _valid_msg_id(obj)
     kind = obj.get("type")
-    if kind not in ("message", "cancel", "ping"):
+    if kind not in ("message", "cancel", "ping", "presence"):
         raise FrameError(f"unknown frame type {str(kind)[:64]!r}", client_msg_id=msg_id)
     try:
         return _client_frame.validate_python(obj, context=limits)
@@ -410,6 +418,16 @@ class NodeInfo(Strict):
     events_per_s: float = 0.0  # events this node appended, per second, lately
 
 
+class Person(Strict):
+    """A client in the dashboard's `presence` lists: a Presence frame's fields."""
+
+    session_id: str
+    user: str
+    client: str
+    state: Literal["watching", "typing"]
+    steering: bool
+
+
 class Snapshot(Strict):
     type: Literal["snapshot"] = "snapshot"
     runs: list[dict[str, Any]]
@@ -417,6 +435,7 @@ class Snapshot(Strict):
     clients: dict[str, int]
     node: NodeInfo  # the node serving this dashboard
     nodes: list[NodeInfo]  # every live node (a cluster), by name; this node alone otherwise
+    presence: dict[str, list[Person]] = Field(default_factory=dict)  # conversation -> people
 
 
 class NodesUpdated(Strict):
@@ -432,6 +451,25 @@ class RunUpdated(Strict):
 class ConversationUpdated(Strict):
     type: Literal["conversation.updated"] = "conversation.updated"
     conversation: ConversationListing
+
+
+class Presence(Strict):
+    """One client of a conversation, as its other clients and the dashboards see it: an
+    ephemeral frame (no offset, never stored)."""
+
+    type: Literal["presence"] = "presence"
+    conversation_id: str
+    session_id: str
+    user: str  # the token's `sub`, or "anonymous"
+    client: str  # the `client` label the connection gave, possibly empty
+    state: Literal["watching", "typing", "gone"]
+    steering: bool = False
+
+
+class PresenceUpdated(Strict):
+    type: Literal["presence.updated"] = "presence.updated"
+    conversation_id: str
+    people: list[Person]
 
 
 class ClientsUpdated(Strict):
@@ -578,12 +616,14 @@ class SteeringItem(Strict):
 
 
 class RunAssign(Strict):
+    omit_none = ("traceparent",)
     type: Literal["run.assign"] = "run.assign"
     run_id: str
     conversation_id: str
     trigger_message_ids: list[str]
     messages: list[TranscriptItem]
     deadline_ms: int
+    traceparent: str | None = None  # the run's trace (W3C), when the gateway traces runs
 
 
 class SteeringBatch(Strict):

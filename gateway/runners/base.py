@@ -54,6 +54,9 @@ class RunContext:
     steering: SteeringInbox
     deadline_ms: int  # wall-clock deadline, ms since the epoch
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    # the W3C traceparent of the run's span (gateway.tracing), for the runner's own
+    # spans and requests; None when runs are not traced
+    traceparent: str | None = None
 
 
 class Runner(Protocol):

@@ -92,7 +92,10 @@ class OpenAIRunner:
         messages += [{"role": m.role, "content": m.content} for m in ctx.messages]
         usage: dict[str, Any] | None = None
         timeout = httpx.Timeout(o.timeout_s, write=o.timeout_s, pool=o.timeout_s)
-        async with httpx.AsyncClient(timeout=timeout, headers=self._headers()) as http:
+        headers = self._headers()
+        if ctx.traceparent is not None:  # the model's spans join the run's trace
+            headers["traceparent"] = ctx.traceparent
+        async with httpx.AsyncClient(timeout=timeout, headers=headers) as http:
             for turn in range(o.max_turns):
                 stream = _Completion()
                 try:

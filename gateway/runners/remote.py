@@ -354,6 +354,7 @@ class RemoteRunner:
                     for m in ctx.messages
                 ],
                 deadline_ms=ctx.deadline_ms,
+                traceparent=ctx.traceparent,
             )
         )
         while True:

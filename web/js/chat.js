@@ -10,6 +10,7 @@
 import { plainTitle } from "./markdown.js";
 import { MessageList } from "./messages.js";
 import { Alert, ConnectionBanner, MAX_TEXT_CHARS, api, byId, duration, h, perFrame, plain, replace } from "./page.js";
+import { PresenceList } from "./presence.js";
 import { LiveSocket } from "./socket.js";
 import { Timeline, titleSource } from "./timeline.js";
 
@@ -33,7 +34,11 @@ const ui = {
   send: byId("send"),
   stop: byId("stop"),
   hint: byId("composer-hint"),
+  presence: byId("presence"),
+  typing: byId("typing"),
 };
+
+const TYPING_EVERY_MS = 2000; // typing is said again this often (the server lapses it after 6 s)
 
 const state = {
   cid: null,
@@ -45,6 +50,8 @@ const state = {
   wasActive: false,
   titleSource: null, // the open conversation's timeline.title, last drawn
   title: "", // and its plainTitle
+  presence: new PresenceList(),
+  typingSent: 0, // when we last said we are typing; 0: we are watching
 };
 
 const view = new MessageList(ui.messages, { onRetry: retry });
@@ -99,9 +106,11 @@ function open(cid) {
   state.titleSource = null;
   state.title = "";
   state.resendDelay = 1000;
+  state.presence.reset(null);
+  state.typingSent = 0;
   const timeline = state.timeline;
   state.socket = new LiveSocket({
-    url: () => `/ws/conversations/${encodeURIComponent(cid)}?after=${timeline.lastOffset}&client=web`,
+    url: () => `/ws/conversations/${encodeURIComponent(cid)}?after=${timeline.lastOffset}&client=web&presence=1`,
     onFrame: (frame) => onFrame(timeline, frame),
     onStatus: (status) => banner.update(status),
   });
@@ -152,6 +161,8 @@ function onFrame(timeline, frame) {
   if (timeline !== state.timeline) return;
   switch (frame.type) {
     case "ready":
+      state.presence.reset(frame.session_id);
+      state.typingSent = 0;
       if (!timeline.ready(frame)) {
         timeline.reset(); // the server is behind our cursor (its store was reset)
         state.socket.restart();
@@ -167,6 +178,9 @@ function onFrame(timeline, frame) {
       onError(timeline, frame);
       break;
     case "pong":
+      break;
+    case "presence":
+      state.presence.apply(frame);
       break;
     default:
       if (typeof frame.offset === "number") {
@@ -231,6 +245,8 @@ function render() {
   ui.send.textContent = { auto: "Send", steer: "Steer", queue: "Queue", interrupt: "Interrupt" }[mode];
   ui.input.placeholder = running ? PLACEHOLDERS[mode] : "Message the agent";
   ui.hint.textContent = running ? `${HINTS[mode]} · Shift+Enter for a new line` : "Enter to send · Shift+Enter for a new line";
+  ui.presence.textContent = state.presence.hereText(running);
+  ui.typing.textContent = state.presence.typingText();
   if (running !== state.wasActive) {
     state.wasActive = running;
     renderList();
@@ -281,10 +297,23 @@ function submit() {
   const frame = timeline.compose(text, timeline.activeRunId ? selectedMode() : "auto");
   if (!timeline.title) remember(state.cid, titleSource(text));
   timeline.sending(frame.client_msg_id, socket.send(frame));
+  state.typingSent = 0; // the server ends our typing when the message arrives
   ui.input.value = "";
   autosize();
   view.scrollToEnd();
   draw();
+}
+
+/** Tell the others we are typing (again every TYPING_EVERY_MS), or that we stopped. */
+function sayTyping() {
+  const typing = ui.input.value.trim() !== "";
+  const now = Date.now();
+  if (typing && now - state.typingSent >= TYPING_EVERY_MS) {
+    if (state.socket.send({ type: "presence", state: "typing" })) state.typingSent = now;
+  } else if (!typing && state.typingSent) {
+    state.socket.send({ type: "presence", state: "watching" });
+    state.typingSent = 0;
+  }
 }
 
 function autosize() {
@@ -337,7 +366,10 @@ ui.input.addEventListener("keydown", (event) => {
     submit();
   }
 });
-ui.input.addEventListener("input", autosize);
+ui.input.addEventListener("input", () => {
+  autosize();
+  sayTyping();
+});
 ui.modeGroup.addEventListener("change", draw);
 ui.stop.addEventListener("click", stopRun);
 ui.newButton.addEventListener("click", () => {

@@ -39,6 +39,7 @@ const state = {
   runs: new Map(),
   conversations: new Map(),
   clients: new Map(),
+  people: new Map(), // conversation_id -> its people (presence), as the node last said
   node: null,
   nodes: [], // every node's figures, by name
   nodeRows: new Map(), // name -> <tr>
@@ -74,6 +75,7 @@ function onFrame(frame) {
       state.runs = new Map(frame.runs.map((run) => [run.run_id, run]));
       state.conversations = new Map(frame.conversations.map((c) => [c.conversation_id, c]));
       state.clients = new Map(Object.entries(frame.clients));
+      state.people = new Map(Object.entries(frame.presence || {}));
       state.node = frame.node;
       state.nodes = frame.nodes || [frame.node];
       state.running = countRunning();
@@ -98,6 +100,10 @@ function onFrame(frame) {
     case "clients.updated":
       if (frame.count > 0) state.clients.set(frame.conversation_id, frame.count);
       else state.clients.delete(frame.conversation_id);
+      break;
+    case "presence.updated":
+      if (frame.people.length) state.people.set(frame.conversation_id, frame.people);
+      else state.people.delete(frame.conversation_id);
       break;
     case "error":
       alertLine.show(plain(frame.code, frame.message));
@@ -207,19 +213,33 @@ function conversationRow(c) {
   if (!row) {
     row = h("tr", { dataset: { cid: c.conversation_id } },
       h("td", {}, h("a", { href: `/#${encodeURIComponent(c.conversation_id)}`, class: "mono" }, c.conversation_id)),
-      h("td", { class: "clients" }), h("td"), h("td"), h("td"));
+      h("td", { class: "clients" }), h("td", { class: "people" }), h("td"), h("td"), h("td"));
     state.conversationRows.set(c.conversation_id, row);
   }
   const cells = row.children;
   setText(cells[1], String(state.clients.get(c.conversation_id) || 0));
-  setText(cells[2], c.active_run ? `${c.active_run.status} · ${c.active_run.runner}` : "—");
-  setText(cells[3], String(c.head));
-  setText(cells[4], c.last_activity ? `${duration(Date.now() - c.last_activity)} ago` : "—");
+  setText(cells[2], peopleText(state.people.get(c.conversation_id) || [], Boolean(c.active_run)));
+  setText(cells[3], c.active_run ? `${c.active_run.status} · ${c.active_run.runner}` : "—");
+  setText(cells[4], String(c.head));
+  setText(cells[5], c.last_activity ? `${duration(Date.now() - c.last_activity)} ago` : "—");
   return row;
 }
 
+/** "alice (typing), bob (steering)": one entry per user, however many tabs. */
+function peopleText(people, running) {
+  const users = new Map();
+  for (const p of people) {
+    const u = users.get(p.user) || new Set();
+    if (p.state === "typing") u.add("typing");
+    if (running && p.steering) u.add("steering");
+    users.set(p.user, u);
+  }
+  if (!users.size) return "—";
+  return [...users].map(([user, marks]) => (marks.size ? `${user} (${[...marks].join(", ")})` : user)).join(", ");
+}
+
 function visibleConversations() {
-  for (const cid of state.clients.keys()) {
+  for (const cid of [...state.clients.keys(), ...state.people.keys()]) {
     if (!state.conversations.has(cid)) {
       state.conversations.set(cid, { conversation_id: cid, head: 0, last_activity: null, active_run: null });
     }
