@@ -36,6 +36,7 @@ from store.base import StoreError
 log = logging.getLogger("steerway.cluster")
 
 MONITOR_S = 1.0
+LEFT = b"steerway:left"  # a node that leaves says so: the others sweep at once
 
 
 class ClusterNode:
@@ -56,6 +57,8 @@ class ClusterNode:
             ClusterRunners(self.forwarder, self.leases, pool) if pool is not None else None
         )
         self.draining = False
+        self._sweep = asyncio.Event()  # sweep for conversations to take over now
+        self.bus.listen(LEFT, lambda _: self._sweep.set(), lambda: None)
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -150,6 +153,7 @@ class ClusterNode:
             await self.runners.stop()
         with contextlib.suppress(RedisError, OSError):
             await self.leases.drop()
+            await self.redis.publish(LEFT, self.node)
         await self.forwarder.stop()
         await self.bus.stop()
         for task in list(self._background):
@@ -194,13 +198,17 @@ class ClusterNode:
     async def _monitor(self) -> None:
         sweep_every = max(1, round(self.leases.lease_s / 2 / MONITOR_S))
         for tick in range(1 << 62):
-            await asyncio.sleep(MONITOR_S)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(MONITOR_S):
+                    await self._sweep.wait()
+            sweep = self._sweep.is_set() or tick % sweep_every == 0
+            self._sweep.clear()
             if self.draining or not self.leases.valid():
                 continue
             try:
                 joined = [cid for cid in self.bus.joined() if cid not in self.hub.actors]
                 wanted = await self.leases.lost(joined)
-                if tick % sweep_every == 0:
+                if sweep:
                     live = {doc["conversation_id"] for doc in await self.hub.store.live_runs(None)}
                     live -= set(self.hub.actors)
                     wanted += await self.leases.free(sorted(live))
