@@ -36,8 +36,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from gateway.agui.patch import PatchError, apply_patch
 from gateway.runners.base import Result, RunContext, completed, delta, run_failed
-from gateway.runners.openai import _Failure as Failure
-from gateway.runners.openai import _http_failure as http_failure
+from gateway.runners.upstream import UpstreamFailure as Failure
+from gateway.runners.upstream import UpstreamRunner, http_failure
 
 log = logging.getLogger("steerway.runners.agui")
 EVENT: TypeAdapter[Any] = TypeAdapter(AguiEvent)
@@ -168,19 +168,16 @@ def _state(value: Any) -> Result:
     return {"type": "state.updated", "data": {"scope": "runner", "key": "state", "value": value}}
 
 
-class AguiRunner:
+class AguiRunner(UpstreamRunner[AguiOptions]):
+    options_model = AguiOptions
+
     def __init__(
         self,
         name: str = "agui",
         leftover_steering: Literal["follow_up", "drop"] = "follow_up",
         **options: Any,
     ) -> None:
-        self.name = name
-        self.supports_steering = True
-        self.leftover_steering: Literal["follow_up", "drop"] = leftover_steering
-        self.deadline_s: float | None = None
-        self.idle_s: float | None = None
-        self.options = AguiOptions.model_validate(options)
+        super().__init__(name, leftover_steering, **options)
 
     async def run(self, ctx: RunContext) -> AsyncIterator[Result]:
         o = self.options

@@ -28,8 +28,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.runners.base import Result, RunContext, completed, delta, run_failed
-
-ERROR_TEXT = 300  # characters of an upstream error body kept in the run's error
+from gateway.runners.upstream import ERROR_TEXT, UpstreamFailure, UpstreamRunner, http_failure
 
 
 class OpenAIOptions(BaseModel):
@@ -49,27 +48,16 @@ class OpenAIOptions(BaseModel):
     stream_usage: bool = True  # ask for usage in the last chunk (stream_options)
 
 
-class _Failure(Exception):
-    def __init__(self, code: str, message: str, retryable: bool) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.retryable = retryable
+class OpenAIRunner(UpstreamRunner[OpenAIOptions]):
+    options_model = OpenAIOptions
 
-
-class OpenAIRunner:
     def __init__(
         self,
         name: str = "openai",
         leftover_steering: Literal["follow_up", "drop"] = "follow_up",
         **options: Any,
     ) -> None:
-        self.name = name
-        self.supports_steering = True
-        self.leftover_steering: Literal["follow_up", "drop"] = leftover_steering
-        self.deadline_s: float | None = None
-        self.idle_s: float | None = None
-        self.options = OpenAIOptions.model_validate(options)
+        super().__init__(name, leftover_steering, **options)
 
     def _headers(self) -> dict[str, str]:
         key = self.options.api_key or os.environ.get(self.options.api_key_env)
@@ -105,7 +93,7 @@ class OpenAIRunner:
                     ) as chunks:
                         async for chunk in chunks:
                             yield delta(chunk)
-                except _Failure as exc:
+                except UpstreamFailure as exc:
                     yield run_failed(exc.message, exc.code, exc.retryable)
                     return
                 usage = _add_usage(usage, stream.usage)
@@ -136,7 +124,7 @@ class _Completion:
         try:
             async with http.stream("POST", url, json=body) as response:
                 if response.status_code != 200:
-                    raise _http_failure(response.status_code, await response.aread(), response)
+                    raise http_failure(response.status_code, await response.aread(), response)
                 async for line in response.aiter_lines():
                     if not line.startswith("data:"):
                         continue  # blank lines, comments, `event:` lines
@@ -148,27 +136,33 @@ class _Completion:
                         self.text += piece
                         yield piece
         except httpx.TimeoutException as exc:
-            raise _Failure("upstream_timeout", f"{url}: {type(exc).__name__}", True) from None
+            raise UpstreamFailure(
+                "upstream_timeout", f"{url}: {type(exc).__name__}", True
+            ) from None
         except httpx.TransportError as exc:  # refused, reset, a stream cut short
             code = "upstream_stream_broken" if self.text or done else "upstream_unreachable"
-            raise _Failure(code, f"{url}: {type(exc).__name__}: {exc}"[:500], True) from None
+            raise UpstreamFailure(code, f"{url}: {type(exc).__name__}: {exc}"[:500], True) from None
         if not done:
-            raise _Failure("upstream_stream_broken", f"{url}: the stream ended before [DONE]", True)
+            raise UpstreamFailure(
+                "upstream_stream_broken", f"{url}: the stream ended before [DONE]", True
+            )
 
     def _chunk(self, data: str) -> list[str]:
         try:
             chunk = orjson.loads(data)
         except orjson.JSONDecodeError:
-            raise _Failure(
+            raise UpstreamFailure(
                 "upstream_protocol", f"a chunk is not JSON: {data[:80]!r}", False
             ) from None
         if not isinstance(chunk, dict):
-            raise _Failure("upstream_protocol", f"a chunk is not an object: {data[:80]!r}", False)
+            raise UpstreamFailure(
+                "upstream_protocol", f"a chunk is not an object: {data[:80]!r}", False
+            )
         if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
         if isinstance(chunk.get("error"), dict):  # some servers report errors in the stream
             message = str(chunk["error"].get("message", chunk["error"]))[:ERROR_TEXT]
-            raise _Failure("upstream_error", message, True)
+            raise UpstreamFailure("upstream_error", message, True)
         pieces: list[str] = []
         for choice in chunk.get("choices") or ():
             if not isinstance(choice, dict):
@@ -179,23 +173,6 @@ class _Completion:
             if choice.get("finish_reason"):
                 self.finish_reason = str(choice["finish_reason"])
         return pieces
-
-
-def _http_failure(status: int, body: bytes, response: httpx.Response) -> _Failure:
-    """An HTTP error answer as the run's error: 408, 429 and 5xx are worth retrying."""
-    try:
-        detail = orjson.loads(body)["error"]["message"]
-    except (orjson.JSONDecodeError, KeyError, TypeError):
-        detail = body.decode("utf-8", "replace")
-    message = f"HTTP {status}: {str(detail)[:ERROR_TEXT]}"
-    retry_after = response.headers.get("retry-after")
-    if retry_after:
-        message += f" (retry after {retry_after[:20]} s)"
-    if status == 429:
-        return _Failure("upstream_rate_limited", message, True)
-    if status in (401, 403):
-        return _Failure("upstream_unauthorized", message, False)
-    return _Failure("upstream_error", message, status == 408 or status >= 500)
 
 
 def _add_usage(total: dict[str, Any] | None, more: dict[str, Any] | None) -> dict[str, Any] | None:
