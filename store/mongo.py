@@ -288,20 +288,21 @@ class MongoStore:
                     raise StoreConflict(cid, f"{cid}: fenced, epoch {fences[cid]} is stale")
 
     async def write(self, batch: WriteBatch) -> None:
-        """Events, then runs, then conversations, then transcripts: a reader that sees
-        a run or a head also finds the events behind it."""
+        """Events, then webhook deliveries, then runs, then conversations, then
+        transcripts: a reader that sees a run or a head also finds the events (and the
+        deliveries) behind it."""
         if batch.fences:
             await self._check_fences(batch.fences)
         if batch.events:
             await self._insert_events(pack(batch.events))
+        if batch.deliveries:  # before the runs: see docs/webhooks.md, "Durability"
+            await self._write_deliveries(batch.deliveries)
         if batch.runs:
             await self._write_runs(batch.runs)
         if batch.conversations:
             await self._write_conversations(batch.conversations)
         if batch.turns:
             await self._write_turns(batch.turns)
-        if batch.deliveries:
-            await self._write_deliveries(batch.deliveries)
 
     async def _insert_events(self, docs: list[Document]) -> None:
         pending = docs
