@@ -27,6 +27,9 @@ from gateway.protocol.codes import ErrorCode
 from gateway.rest import Api, error
 from gateway.runners.registry import RunnerRegistry, open_runners
 from gateway.runnersocket import RunnerSocket
+from gateway.webhooks.dispatcher import Dispatcher
+from gateway.webhooks.endpoints import load_endpoints
+from gateway.webhooks.subscriptions import Subscriptions
 from gateway.ws import ConversationSocket
 from store.base import Store
 from store.embedded import EmbeddedMongo
@@ -68,6 +71,13 @@ def create_app(
     metrics = Metrics()
     hub = ConversationHub(settings, store, bus or MemoryBus(), runners, metrics)
     metrics.store_batches.set_function(lambda: hub.committer.batches)
+    endpoints = load_endpoints(
+        settings.webhooks_config, setting=settings.name_of("webhooks_config")
+    )
+    dispatcher = None
+    if endpoints:
+        hub.webhooks = Subscriptions(endpoints)
+        dispatcher = Dispatcher(store, hub.webhooks, settings, hub.node)
     api = Api(hub)
 
     async def healthz(request: Request) -> Response:
@@ -134,6 +144,8 @@ def create_app(
         if settings.otlp_endpoint:
             tracing.enable(hub.node, settings.otlp_endpoint)
         hub.start()
+        if dispatcher is not None:
+            dispatcher.start()
         if cluster is not None:
             await cluster.start()
         await hub.recover()
@@ -145,6 +157,8 @@ def create_app(
             if cluster is not None:
                 cluster.drain()
             await hub.shutdown(settings.shutdown_grace_s)
+            if dispatcher is not None:
+                await dispatcher.stop()
             if cluster is not None:
                 await cluster.stop()
             if settings.otlp_endpoint:

@@ -20,6 +20,7 @@ from gateway.app import create_app, open_store
 from gateway.config import Settings
 from gateway.errors import ConfigError
 from gateway.runners.registry import RunnerRegistry, local_runners
+from gateway.webhooks.endpoints import load_endpoints
 from gateway.wsserver import SteerwayHttpToolsProtocol, connection_options
 
 
@@ -39,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--runners-config", help="per-runner options, a TOML file (STEERWAY_RUNNERS_CONFIG)"
+    )
+    serve.add_argument(
+        "--webhooks-config", help="webhook endpoints, a TOML file (STEERWAY_WEBHOOKS_CONFIG)"
     )
     serve.add_argument("--echo-delay-ms", type=float, help="echo runner delay per word")
     serve.add_argument(
@@ -137,6 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "token":
             return token(args, settings)
         runners = local_runners(settings)
+        load_endpoints(settings.webhooks_config, setting=settings.name_of("webhooks_config"))
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"steerway: {problem}", file=sys.stderr)

@@ -126,6 +126,25 @@ class Settings(BaseModel):
         description="trace runs to this OTLP/HTTP collector (http://host:4318/v1/traces); "
         "needs pip install 'steerway[otel]'",
     )
+    webhooks_config: Path | None = Field(
+        None, description="webhook endpoints, TOML ([webhooks.NAME] url, secret, events)"
+    )
+    webhook_timeout_s: float = Field(
+        10.0, gt=0, description="a delivery's request, at most; slower counts as failed"
+    )
+    webhook_backoff_s: float = Field(
+        1.0, gt=0, description="retry n waits a random time up to this x 2^(n-1)"
+    )
+    webhook_backoff_max_s: float = Field(3600.0, gt=0, description="... and at most this")
+    webhook_give_up_s: float = Field(
+        86_400.0, gt=0, description="a delivery still failing after this is given up"
+    )
+    webhook_concurrency: int = Field(
+        8, ge=1, description="deliveries in flight to one endpoint from one node"
+    )
+    webhook_poll_s: float = Field(
+        1.0, gt=0, description="how often the store is looked at for due deliveries"
+    )
     web_dir: Path = Field(default_factory=_pages, description="the pages: index.html, ...")
     log_level: str = Field("info", description=", ".join(LOG_LEVELS))
     # the fields given as flags, so that an error names the setting as it was given

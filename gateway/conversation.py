@@ -49,7 +49,15 @@ from gateway.protocol.codes import ErrorCode
 from gateway.protocol.frames import Ack, MessageFrame, RunError, RunSummary, UserMessage
 from gateway.runners.base import TranscriptMessage, context_messages
 from gateway.runners.registry import RunnerRegistry
-from store.base import ConversationRecord, Store, StoreConflict, StoreError
+from gateway.webhooks.subscriptions import Subscriptions
+from store.base import (
+    ConversationRecord,
+    EventRecord,
+    Store,
+    StoreConflict,
+    StoreError,
+    WriteBatch,
+)
 from store.commit import GroupCommitter
 
 log = logging.getLogger("steerway.conversation")
@@ -179,7 +187,13 @@ class ConversationActor:
             max_steering=settings.max_steering,
         )
         self.log = EventLog(
-            record.conversation_id, record.head, hub.committer, hub.bus, hub.node, epoch
+            record.conversation_id,
+            record.head,
+            hub.committer,
+            hub.bus,
+            hub.node,
+            epoch,
+            hub.webhooks,
         )
         self.log.on_conflict = self._conflicted
         self.mailbox: asyncio.Queue[Input] = asyncio.Queue(MAILBOX_SIZE)
@@ -520,6 +534,7 @@ class ConversationHub:
         self.committer = GroupCommitter(store)
         self.node = settings.node or f"{socket.gethostname()}:{os.getpid()}"
         self.cluster: Ownership | None = None  # set by gateway.cluster in cluster mode
+        self.webhooks: Subscriptions | None = None  # set by gateway.app when configured
         self.actors: dict[str, ConversationActor] = {}
         self.dashboard = DashboardFeed(self)
         liveness_s = settings.ws_ping_interval_s + settings.ws_ping_timeout_s
@@ -650,14 +665,22 @@ class ConversationHub:
         docs = {doc["run_id"]: doc for doc in await store.live_runs(conversation_id)}
         candidates = set(docs)
         after = record.head
+        tail: list[EventRecord] = []
         while after < head:  # the tail a crash left ahead of the documents: one batch at most
             page = await store.read_events(conversation_id, after, head - after)
             if not page:
                 break
-            candidates.update(
-                ev["run_id"] for ev in map(orjson.loads, page) if ev.get("run_id") is not None
-            )
+            for text in page:
+                ev = orjson.loads(text)
+                if ev.get("run_id") is not None:
+                    candidates.add(ev["run_id"])
+                tail.append(EventRecord(conversation_id, ev["offset"], ev["type"], ev["ts"], text))
             after += len(page)
+        if self.webhooks is not None and tail:
+            # a crash between a commit's events and its deliveries: written now, once
+            deliveries = self.webhooks.deliveries(tail)
+            if deliveries:
+                await store.write(WriteBatch(deliveries=deliveries))
         record.head = head
         events = {
             run_id: [orjson.loads(p) for p in await store.run_events(conversation_id, run_id)]

@@ -30,6 +30,7 @@ from gateway.core.conversation import Effects
 from gateway.core.runs import Run
 from gateway.outbox import Frame
 from gateway.protocol.frames import MessageCompleted, MessageDelta, UserMessage, encode
+from gateway.webhooks.subscriptions import Subscriptions
 from store.base import ConversationRecord, EventRecord, StoreConflict, TurnRecord, WriteBatch
 from store.commit import GroupCommitter
 
@@ -52,6 +53,7 @@ class _InFlight:
     then: list[Callable[[], None]] = field(default_factory=list)
     failed: list[Callable[[StoreConflict], None]] = field(default_factory=list)
     spans: list[Any] | None = None  # the batch's store commit spans (gateway.tracing)
+    deliveries: bool = False  # webhook deliveries are in it
 
 
 class EventLog:
@@ -63,6 +65,7 @@ class EventLog:
         bus: Bus,
         node: str,
         epoch: int | None = None,
+        webhooks: Subscriptions | None = None,
     ) -> None:
         self.conversation_id = conversation_id
         self._node = node
@@ -74,6 +77,7 @@ class EventLog:
         self.epoch = epoch  # the fencing epoch (cluster mode), None on a single node
         self.conflict: StoreConflict | None = None  # set once the store refused a batch
         self.on_conflict: Callable[[], None] | None = None
+        self._webhooks = webhooks  # the endpoints' deliveries go in the events' commit
 
     def _number(self) -> int:
         self.head += 1
@@ -134,13 +138,16 @@ class EventLog:
                 for t in fx.turns
             ],
             fences={} if self.epoch is None else {cid: self.epoch},
+            deliveries=[] if self._webhooks is None else self._webhooks.deliveries(records),
         )
         traces = tracing.RUNS  # None unless runs are traced: then this is all it costs
         spans = None if traces is None else traces.observe(cid, fx.events)
         while len(self._inflight) >= PIPELINE_DEPTH:
             await asyncio.wait([self._inflight[0].stored])
         stored = await self._committer.submit(batch, writer=self)
-        self._inflight.append(_InFlight(stored, self.head, frames, spans=spans))
+        self._inflight.append(
+            _InFlight(stored, self.head, frames, spans=spans, deliveries=bool(batch.deliveries))
+        )
         stored.add_done_callback(self._stored)
         return frames
 
@@ -181,6 +188,8 @@ class EventLog:
             self.published = batch.head
             if batch.frames:
                 self._bus.publish(self.conversation_id, batch.frames)
+            if batch.deliveries and self._webhooks is not None:
+                self._webhooks.wake()
             for callback in batch.then:
                 try:
                     callback()

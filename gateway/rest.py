@@ -15,6 +15,7 @@ from gateway import auth
 from gateway.auth import Principal
 from gateway.config import Settings
 from gateway.conversation import ConversationHub
+from gateway.core.ids import now_ms
 from gateway.core.runs import RunStatus
 from gateway.errors import FrameError, SteerwayError
 from gateway.protocol.codes import ErrorCode
@@ -28,6 +29,7 @@ from gateway.protocol.frames import (
 from store.base import StoreError
 
 LISTING_DEFAULT, LISTING_MAX = 50, 500
+DELIVERIES_DEFAULT, DELIVERIES_MAX = 20, 200
 EVENTS_DEFAULT, EVENTS_MAX = 500, 5000
 # The longest JSON spelling of one text character (a code point) is a surrogate pair
 # of escapes, `\ud83d\ude00`: 12 bytes; of one byte of compact JSON (as metadata is
@@ -115,6 +117,12 @@ class Api:
             Route("/api/runs", self.wrap(self.runs)),
             Route("/api/runs/{run_id}", self.wrap(self.run)),
             Route("/api/runs/{run_id}/cancel", self.wrap(self.cancel), methods=["POST"]),
+            Route("/api/webhooks", self.wrap(self.webhooks)),
+            Route(
+                "/api/webhooks/deliveries/{delivery_id:path}/replay",
+                self.wrap(self.replay),
+                methods=["POST"],
+            ),
         ]
 
     def wrap(self, handler: Any) -> Any:
@@ -260,3 +268,65 @@ class Api:
         run_id = doc["run_id"]
         await self.hub.cancel(doc["conversation_id"], run_id)
         return json({"run_id": run_id, "status": "cancelled"}, 202)
+
+    async def webhooks(self, request: Request, who: Principal) -> Response:
+        """Every endpoint with its newest deliveries and its newest given up (admin)."""
+        auth.for_admin(who)
+        limit = _int(request, "limit", DELIVERIES_DEFAULT, DELIVERIES_MAX)
+        endpoints = [] if self.hub.webhooks is None else self.hub.webhooks.endpoints.values()
+        out = []
+        for endpoint in endpoints:
+            out.append(
+                {
+                    "name": endpoint.name,
+                    "url": endpoint.url,
+                    "events": list(endpoint.events),
+                    "deliveries": [
+                        delivery_listing(d)
+                        for d in await self.store.list_deliveries(endpoint.name, limit)
+                    ],
+                    "failures": [
+                        delivery_listing(d)
+                        for d in await self.store.list_deliveries(endpoint.name, limit, "failed")
+                    ],
+                }
+            )
+        return json({"endpoints": out})
+
+    async def replay(self, request: Request, who: Principal) -> Response:
+        """Send a delivery again, soon, with its id (admin): 202."""
+        auth.for_admin(who)
+        delivery_id: str = request.path_params["delivery_id"]
+        hooks = self.hub.webhooks
+        endpoint = delivery_id.partition(":")[0]
+        if hooks is None or endpoint not in hooks.endpoints or len(delivery_id) > 1024:
+            raise SteerwayError("no delivery of that id", code=ErrorCode.NOT_FOUND)
+        doc = await self.store.replay_delivery(delivery_id, now_ms())
+        if doc is None:
+            raise SteerwayError("no delivery of that id", code=ErrorCode.NOT_FOUND)
+        hooks.wake()
+        return json({"delivery": delivery_listing(doc)}, 202)
+
+
+def delivery_listing(doc: dict[str, Any]) -> dict[str, Any]:
+    """A delivery as REST and the dashboard show it: without its body or lease."""
+    return {
+        "delivery_id": doc["_id"],
+        **{
+            k: doc.get(k)
+            for k in (
+                "endpoint",
+                "conversation_id",
+                "offset",
+                "type",
+                "status",
+                "attempts",
+                "created",
+                "next_at",
+                "last_at",
+                "last_status",
+                "last_error",
+                "delivered_at",
+            )
+        },
+    }

@@ -66,6 +66,49 @@ class ConversationRecord:
 _ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-")
 
 
+@dataclass(slots=True)
+class DeliveryRecord:
+    """A webhook delivery, written in the commit of the event that causes it; the
+    dispatcher (gateway/webhooks/dispatcher.py) sends it and records how that went."""
+
+    endpoint: str
+    conversation_id: str
+    offset: int  # of its event; 0 for conversation.created, which goes first
+    type: str
+    body: str  # the exact JSON text POSTed
+    created: int  # ms
+
+    @property
+    def id(self) -> str:
+        """Its `_id` and `webhook-id`: the same on every try, and a retried batch stores
+        it once."""
+        return delivery_id(self.endpoint, self.conversation_id, self.offset)
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "_id": self.id,
+            "endpoint": self.endpoint,
+            "conversation_id": self.conversation_id,
+            "offset": self.offset,
+            "type": self.type,
+            "body": self.body,
+            "created": self.created,
+            "since": self.created,  # given up 24 h after this (a replay restarts it)
+            "next_at": self.created,
+            "attempts": 0,
+            "status": "pending",  # pending, delivered, failed
+            "last_error": None,
+            "last_status": None,  # the HTTP status of the last try
+            "delivered_at": None,
+            "lease_until": 0,  # a node sends it until then (cluster mode)
+            "owner": None,
+        }
+
+
+def delivery_id(endpoint: str, conversation_id: str, offset: int) -> str:
+    return f"{endpoint}:{conversation_id}:{offset}"
+
+
 @dataclass(frozen=True, slots=True)
 class ConversationFilter:
     """Conversation ids matching any of a token's `convs` (ids, or patterns where `*`
@@ -108,9 +151,11 @@ class WriteBatch:
     # Cluster mode: conversation id -> the writer's fencing epoch (`Store.claim`). The
     # store refuses the whole batch (StoreConflict) when a later epoch was claimed.
     fences: dict[str, int] = field(default_factory=dict)
+    deliveries: list[DeliveryRecord] = field(default_factory=list)  # webhooks
 
     def extend(self, other: WriteBatch) -> None:
         self.events.extend(other.events)
+        self.deliveries.extend(other.deliveries)
         self.runs.extend(other.runs)
         self.conversations.extend(other.conversations)
         self.turns.extend(other.turns)
@@ -171,6 +216,43 @@ class Store(Protocol):
 
     async def run_events(self, conversation_id: str, run_id: str) -> list[str]:
         """Payloads of every event of one run, ascending by offset."""
+
+    # webhook deliveries (times in ms)
+
+    async def due_deliveries(self, now: int, limit: int) -> list[dict[str, Any]]:
+        """Pending deliveries whose `next_at` has come, soonest first, at most `limit`."""
+
+    async def delivery_head(self, endpoint: str, conversation_id: str) -> dict[str, Any] | None:
+        """The pending delivery of lowest offset of an endpoint and a conversation: the
+        only one of them that may be sent."""
+
+    async def claim_delivery(
+        self, delivery_id: str, owner: str, now: int, lease_until: int
+    ) -> dict[str, Any] | None:
+        """Lease a pending delivery whose lease has lapsed to `owner` until `lease_until`,
+        atomically; the delivery, or None when it is not pending or leased meanwhile."""
+
+    async def settle_delivery(self, delivery_id: str, owner: str, changes: dict[str, Any]) -> bool:
+        """Set `changes` (and end the lease) if `owner` still holds the delivery."""
+
+    async def hold_deliveries(
+        self, endpoint: str, conversation_id: str, after: int, until: int
+    ) -> None:
+        """Pending deliveries of the pair past offset `after` wait until at least `until`."""
+
+    async def wake_deliveries(
+        self, endpoint: str, conversation_id: str, after: int, now: int
+    ) -> None:
+        """Pending deliveries of the pair past offset `after` are due by `now` at latest."""
+
+    async def list_deliveries(
+        self, endpoint: str, limit: int, status: str | None = None
+    ) -> list[dict[str, Any]]:
+        """An endpoint's deliveries (of one status, or all), newest first."""
+
+    async def replay_delivery(self, delivery_id: str, now: int) -> dict[str, Any] | None:
+        """Make a delivery pending and due now, its 24 h starting again; the delivery, or
+        None when there is none of that id."""
 
     async def close(self) -> None: ...
 

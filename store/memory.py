@@ -27,6 +27,7 @@ class MemoryStore:
         self._turns: dict[str, list[TurnRecord]] = {}
         self._turn_ids: set[tuple[str, str]] = set()
         self._epochs: dict[str, int] = {}
+        self._deliveries: dict[str, dict[str, Any]] = {}
         self.fail = False
 
     def _check(self) -> None:
@@ -82,6 +83,8 @@ class MemoryStore:
             if (turn.conversation_id, turn.message_id) not in self._turn_ids:
                 self._turn_ids.add((turn.conversation_id, turn.message_id))
                 self._turns.setdefault(turn.conversation_id, []).append(turn)
+        for delivery in batch.deliveries:
+            self._deliveries.setdefault(delivery.id, delivery.document())
 
     async def ping(self) -> None:
         self._check()
@@ -171,6 +174,81 @@ class MemoryStore:
         self._check()
         log = self._events.get(conversation_id, [])
         return [log[offset - 1] for offset in self._by_run.get((conversation_id, run_id), [])]
+
+    async def due_deliveries(self, now: int, limit: int) -> list[dict[str, Any]]:
+        self._check()
+        due = [
+            d for d in self._deliveries.values() if d["status"] == "pending" and d["next_at"] <= now
+        ]
+        due.sort(key=lambda d: d["next_at"])
+        return [dict(d) for d in due[: max(limit, 0)]]
+
+    def _pending(self, endpoint: str, conversation_id: str, after: int) -> list[dict[str, Any]]:
+        return [
+            d
+            for d in self._deliveries.values()
+            if d["endpoint"] == endpoint
+            and d["conversation_id"] == conversation_id
+            and d["status"] == "pending"
+            and d["offset"] > after
+        ]
+
+    async def delivery_head(self, endpoint: str, conversation_id: str) -> dict[str, Any] | None:
+        self._check()
+        pending = self._pending(endpoint, conversation_id, -1)
+        return dict(min(pending, key=lambda d: d["offset"])) if pending else None
+
+    async def claim_delivery(
+        self, delivery_id: str, owner: str, now: int, lease_until: int
+    ) -> dict[str, Any] | None:
+        self._check()
+        d = self._deliveries.get(delivery_id)
+        if d is None or d["status"] != "pending" or d["lease_until"] > now:
+            return None
+        d.update(owner=owner, lease_until=lease_until)
+        return dict(d)
+
+    async def settle_delivery(self, delivery_id: str, owner: str, changes: dict[str, Any]) -> bool:
+        self._check()
+        d = self._deliveries.get(delivery_id)
+        if d is None or d["owner"] != owner:
+            return False
+        d.update(changes, lease_until=0, owner=None)
+        return True
+
+    async def hold_deliveries(
+        self, endpoint: str, conversation_id: str, after: int, until: int
+    ) -> None:
+        self._check()
+        for d in self._pending(endpoint, conversation_id, after):
+            d["next_at"] = max(d["next_at"], until)
+
+    async def wake_deliveries(
+        self, endpoint: str, conversation_id: str, after: int, now: int
+    ) -> None:
+        self._check()
+        for d in self._pending(endpoint, conversation_id, after):
+            d["next_at"] = min(d["next_at"], now)
+
+    async def list_deliveries(
+        self, endpoint: str, limit: int, status: str | None = None
+    ) -> list[dict[str, Any]]:
+        self._check()
+        found = [
+            d
+            for d in self._deliveries.values()
+            if d["endpoint"] == endpoint and status in (None, d["status"])
+        ]
+        found.sort(key=lambda d: (d["created"], d["_id"]), reverse=True)
+        return [dict(d) for d in found[: max(limit, 0)]]
+
+    async def replay_delivery(self, delivery_id: str, now: int) -> dict[str, Any] | None:
+        self._check()
+        d = self._deliveries.get(delivery_id)
+        if d is None:
+            return None
+        d.update(status="pending", next_at=now, since=now, lease_until=0, owner=None)
+        return dict(d)
 
     async def close(self) -> None:
         return None

@@ -10,6 +10,8 @@ Four collections (docs/storage.md has the schema and the reasons):
   `heartbeat` (ms).
 - `transcripts`: one document per turn, `_id` = "<conversation id>:<message id>".
 - `fences`: `_id` = conversation id; `epoch`, the fencing token of its writer (cluster mode).
+- `deliveries`: webhook deliveries, `_id` = "<endpoint>:<conversation id>:<offset>",
+  written with the events that cause them (docs/webhooks.md).
 
 Only what MongoDB, nx-27017 and mongoeco all do alike is used: plain, unique and
 sparse single-field indexes and plain compound ones, ordered `insert_many`,
@@ -39,6 +41,7 @@ from pymongo.errors import BulkWriteError, CollectionInvalid, OperationFailure, 
 from store.base import (
     ConversationFilter,
     ConversationRecord,
+    DeliveryRecord,
     EventRecord,
     StoreConflict,
     StoreError,
@@ -95,6 +98,22 @@ INDEXES: dict[str, dict[str, tuple[list[tuple[str, int]], dict[str, Any]]]] = {
         "conversation_offset": ([("conversation_id", ASCENDING), ("offset", ASCENDING)], {}),
     },
     "fences": {},
+    "deliveries": {
+        # the due ones, soonest first
+        "status_next": ([("status", ASCENDING), ("next_at", ASCENDING)], {}),
+        # the head of an endpoint's queue for one conversation
+        "queue": (
+            [
+                ("endpoint", ASCENDING),
+                ("conversation_id", ASCENDING),
+                ("status", ASCENDING),
+                ("offset", ASCENDING),
+            ],
+            {},
+        ),
+        # the dashboard: an endpoint's newest
+        "endpoint_created": ([("endpoint", ASCENDING), ("created", ASCENDING)], {}),
+    },
 }
 
 
@@ -193,6 +212,7 @@ class MongoStore:
         self._conversations: AsyncCollection[Document] = self.db["conversations"]
         self._transcripts: AsyncCollection[Document] = self.db["transcripts"]
         self._fences: AsyncCollection[Document] = self.db["fences"]
+        self._deliveries: AsyncCollection[Document] = self.db["deliveries"]
 
     @classmethod
     async def open(
@@ -268,12 +288,15 @@ class MongoStore:
                     raise StoreConflict(cid, f"{cid}: fenced, epoch {fences[cid]} is stale")
 
     async def write(self, batch: WriteBatch) -> None:
-        """Events, then runs, then conversations, then transcripts: a reader that sees
-        a run or a head also finds the events behind it."""
+        """Events, then webhook deliveries, then runs, then conversations, then
+        transcripts: a reader that sees a run or a head also finds the events (and the
+        deliveries) behind it."""
         if batch.fences:
             await self._check_fences(batch.fences)
         if batch.events:
             await self._insert_events(pack(batch.events))
+        if batch.deliveries:  # before the runs: see docs/webhooks.md, "Durability"
+            await self._write_deliveries(batch.deliveries)
         if batch.runs:
             await self._write_runs(batch.runs)
         if batch.conversations:
@@ -398,6 +421,15 @@ class MongoStore:
         ]
         with _errors("write transcripts"):
             await self._transcripts.bulk_write(ops, ordered=True)
+
+    async def _write_deliveries(self, deliveries: list[DeliveryRecord]) -> None:
+        # written once: a retried batch leaves a delivery sent meanwhile as it is
+        ops = [
+            UpdateOne({"_id": d.id}, {"$setOnInsert": d.document()}, upsert=True)
+            for d in deliveries
+        ]
+        with _errors("write deliveries"):
+            await self._deliveries.bulk_write(ops, ordered=True)
 
     # reads
 
@@ -542,6 +574,99 @@ class MongoStore:
                 {"_id": 0, "offset": 1, "payloads": 1},
             ).sort("offset", ASCENDING)
             return list(_payloads([doc async for doc in cursor]))
+
+    # webhook deliveries
+
+    async def due_deliveries(self, now: int, limit: int) -> list[dict[str, Any]]:
+        if limit <= 0:
+            return []
+        with _errors("due deliveries"):
+            cursor = (
+                self._deliveries.find({"status": "pending", "next_at": {"$lte": now}})
+                .sort("next_at", ASCENDING)
+                .limit(limit)
+            )
+            return [doc async for doc in cursor]
+
+    def _queue(self, endpoint: str, conversation_id: str, after: int) -> Document:
+        return {
+            "endpoint": endpoint,
+            "conversation_id": conversation_id,
+            "status": "pending",
+            "offset": {"$gt": after},
+        }
+
+    async def delivery_head(self, endpoint: str, conversation_id: str) -> dict[str, Any] | None:
+        with _errors("delivery head"):
+            return await self._deliveries.find_one(
+                self._queue(endpoint, conversation_id, -1), sort=[("offset", ASCENDING)]
+            )
+
+    async def claim_delivery(
+        self, delivery_id: str, owner: str, now: int, lease_until: int
+    ) -> dict[str, Any] | None:
+        with _errors("claim delivery"):
+            return await self._deliveries.find_one_and_update(
+                {"_id": delivery_id, "status": "pending", "lease_until": {"$lte": now}},
+                {"$set": {"owner": owner, "lease_until": lease_until}},
+                return_document=ReturnDocument.AFTER,
+            )
+
+    async def settle_delivery(self, delivery_id: str, owner: str, changes: dict[str, Any]) -> bool:
+        with _errors("settle delivery"):
+            result = await self._deliveries.update_one(
+                {"_id": delivery_id, "owner": owner},
+                {"$set": {**changes, "lease_until": 0, "owner": None}},
+            )
+        return result.matched_count == 1
+
+    async def hold_deliveries(
+        self, endpoint: str, conversation_id: str, after: int, until: int
+    ) -> None:
+        with _errors("hold deliveries"):
+            await self._deliveries.update_many(
+                self._queue(endpoint, conversation_id, after), {"$max": {"next_at": until}}
+            )
+
+    async def wake_deliveries(
+        self, endpoint: str, conversation_id: str, after: int, now: int
+    ) -> None:
+        with _errors("wake deliveries"):
+            await self._deliveries.update_many(
+                self._queue(endpoint, conversation_id, after), {"$min": {"next_at": now}}
+            )
+
+    async def list_deliveries(
+        self, endpoint: str, limit: int, status: str | None = None
+    ) -> list[dict[str, Any]]:
+        if limit <= 0:
+            return []
+        query: Document = {"endpoint": endpoint}
+        if status is not None:
+            query["status"] = status
+        with _errors("list deliveries"):
+            cursor = (
+                self._deliveries.find(query)
+                .sort([("created", DESCENDING), ("_id", DESCENDING)])
+                .limit(limit)
+            )
+            return [doc async for doc in cursor]
+
+    async def replay_delivery(self, delivery_id: str, now: int) -> dict[str, Any] | None:
+        with _errors("replay delivery"):
+            return await self._deliveries.find_one_and_update(
+                {"_id": delivery_id},
+                {
+                    "$set": {
+                        "status": "pending",
+                        "next_at": now,
+                        "since": now,
+                        "lease_until": 0,
+                        "owner": None,
+                    }
+                },
+                return_document=ReturnDocument.AFTER,
+            )
 
     async def close(self) -> None:
         with _errors("close"):

@@ -149,6 +149,39 @@ NOT_A_RUNNER = "not built in, not a steerway.runners entry point, not module:att
             ],
         ),
         ([], {"STEERWAY_WEB_DIR": "nowhere"}, ["STEERWAY_WEB_DIR: 'nowhere' is not a directory"]),
+        (
+            [],
+            {
+                "STEERWAY_WEBHOOKS__HOOK__URL": "ftp://x",
+                "STEERWAY_WEBHOOKS__HOOK__SECRET": "whsec_s3cr3t!!",
+                "STEERWAY_WEBHOOKS__HOOK__EVENTS": "run.ended,run.exploded",
+            },
+            [
+                "[webhooks.hook] url: expected an http:// or https:// URL",
+                "[webhooks.hook] secret: the part after whsec_ is not base64",
+                "[webhooks.hook] events: unknown event type 'run.exploded': expected some of "
+                "run.started, run.ended, message.completed, steering.dropped, "
+                "conversation.created",
+            ],
+        ),
+        (
+            [],
+            {"STEERWAY_WEBHOOKS__HOOK__URL": "http://x/"},
+            ["[webhooks.hook] secret: Field required", "[webhooks.hook] events: Field required"],
+        ),
+        (
+            ["--webhooks-config", "bad.toml"],
+            {},
+            [
+                "--webhooks-config: 'bad.toml' is not TOML: "
+                "Expected '=' after a key in a key/value pair (at line 1, column 5)"
+            ],
+        ),
+        (
+            [],
+            {"STEERWAY_WEBHOOK_GIVE_UP_S": "0"},
+            ["STEERWAY_WEBHOOK_GIVE_UP_S: Input should be greater than 0"],
+        ),
         # every problem of the settings, one line each
         (
             ["--echo-delay-ms", "-1"],

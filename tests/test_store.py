@@ -37,6 +37,7 @@ from store import embedded
 from store.base import (
     ConversationFilter,
     ConversationRecord,
+    DeliveryRecord,
     EventRecord,
     Store,
     StoreConflict,
@@ -371,7 +372,7 @@ async def test_rewriting_a_batch_stores_nothing_twice(store: Store) -> None:
     assert await store.list_runs(None, None, 10, None) == [run_doc("run_1", "c1")]
     assert await store.list_conversations(10, None) == [conv("c1", 2, 500), conv("c2", 1, 400)]
     assert await store.transcript("c1") == [turn("c1", "u1", 1)]
-    assert [await count(store, c) for c in INDEXES] in ([None] * 5, [3, 1, 2, 2, 0])
+    assert [await count(store, c) for c in INDEXES] in ([None] * 6, [3, 1, 2, 2, 0, 0])
 
 
 @pytest.mark.parametrize("written", ["prefix", "one conversation", "all events"])
@@ -665,6 +666,96 @@ async def test_transcripts_in_offset_order(store: Store) -> None:
     assert await store.transcript("c1", None, expected[2].offset) == expected[:2]
     assert await store.transcript("c1", 0) == []
     assert await store.transcript("c1", 5, 0) == []
+
+
+# webhook deliveries
+
+
+def delivery(cid: str, offset: int, endpoint: str = "hook", created: int = 1000) -> DeliveryRecord:
+    body = orjson.dumps({"type": "run.ended", "data": {"offset": offset, "text": "é ✓"}})
+    return DeliveryRecord(endpoint, cid, offset, "run.ended", body.decode(), created + offset)
+
+
+async def test_deliveries_are_written_once_with_their_batch(store: Store) -> None:
+    d1, d2 = delivery("c1", 1), delivery("c1", 2)
+    batch = WriteBatch(events=[event("c1", 1), event("c1", 2)], deliveries=[d1, d2])
+    await store.write(batch)
+    claimed = await store.claim_delivery(d1.id, "n1", 5000, 9000)
+    assert claimed is not None
+    assert claimed["body"] == d1.body
+    assert claimed["owner"] == "n1"
+    assert await store.settle_delivery(d1.id, "n1", {"status": "delivered", "attempts": 1})
+    await store.write(batch)  # a retried batch leaves the delivered one as it is
+    listed = await store.list_deliveries("hook", 10)
+    assert [(d["_id"], d["status"]) for d in listed] == [(d2.id, "pending"), (d1.id, "delivered")]
+    assert listed[0] == {**d2.document()}
+    assert await count(store, "deliveries") in (None, 2)
+
+
+async def test_due_deliveries_and_the_head_of_each_queue(store: Store) -> None:
+    records = [delivery("c1", 3), delivery("c1", 0), delivery("c2", 1), delivery("c1", 5, "other")]
+    await store.write(WriteBatch(deliveries=records))
+    due = await store.due_deliveries(1003, 10)
+    assert [d["_id"] for d in due] == ["hook:c1:0", "hook:c2:1", "hook:c1:3"]
+    assert await store.due_deliveries(1003, 0) == []
+    assert [d["_id"] for d in await store.due_deliveries(2000, 2)] == ["hook:c1:0", "hook:c2:1"]
+    head = await store.delivery_head("hook", "c1")
+    assert head is not None
+    assert head["_id"] == "hook:c1:0"
+    assert await store.delivery_head("hook", "c3") is None
+    # held behind the head, then woken once it is done
+    await store.hold_deliveries("hook", "c1", 0, 7000)
+    assert [d["_id"] for d in await store.due_deliveries(6999, 10)] == [
+        "hook:c1:0",
+        "hook:c2:1",
+        "other:c1:5",
+    ]
+    await store.hold_deliveries("hook", "c1", 0, 4000)  # never brought forward by a hold
+    assert [d["next_at"] for d in await store.list_deliveries("hook", 10)] == [7000, 1001, 1000]
+    assert await store.claim_delivery("hook:c1:0", "n1", 2000, 3000) is not None
+    assert await store.settle_delivery("hook:c1:0", "n1", {"status": "failed", "attempts": 9})
+    assert (await store.delivery_head("hook", "c1") or {}).get("_id") == "hook:c1:3"
+    await store.wake_deliveries("hook", "c1", 0, 2500)
+    await store.wake_deliveries("hook", "c1", 0, 2600)  # never put back by a wake
+    due = await store.due_deliveries(2500, 10)
+    assert [d["_id"] for d in due] == ["hook:c2:1", "other:c1:5", "hook:c1:3"]
+    assert [d["_id"] for d in await store.list_deliveries("hook", 10, "failed")] == ["hook:c1:0"]
+    assert await store.list_deliveries("nobody", 10) == []
+    assert await store.list_deliveries("hook", 0) == []
+
+
+async def test_a_delivery_is_leased_to_one_owner_at_a_time(store: Store) -> None:
+    d = delivery("c1", 1)
+    await store.write(WriteBatch(deliveries=[d]))
+    assert await store.claim_delivery("hook:nothing:1", "n1", 2000, 3000) is None
+    assert await store.claim_delivery(d.id, "n1", 2000, 3000) is not None
+    assert await store.claim_delivery(d.id, "n2", 2999, 4000) is None  # leased
+    assert not await store.settle_delivery(d.id, "n2", {"attempts": 1})  # not its lease
+    taken = await store.claim_delivery(d.id, "n2", 3000, 4000)  # the lease lapsed
+    assert taken is not None
+    assert taken["owner"] == "n2"
+    assert not await store.settle_delivery(d.id, "n1", {"status": "delivered"})
+    assert await store.settle_delivery(d.id, "n2", {"next_at": 9000, "attempts": 1})
+    after = (await store.list_deliveries("hook", 1))[0]
+    assert (after["owner"], after["lease_until"], after["next_at"]) == (None, 0, 9000)
+    assert await store.claim_delivery(d.id, "n1", 3500, 4500) is not None  # leases end
+    assert await store.settle_delivery(d.id, "n1", {"status": "delivered"})
+    assert await store.claim_delivery(d.id, "n1", 5000, 6000) is None  # not pending
+
+
+async def test_replaying_a_delivery(store: Store) -> None:
+    d = delivery("c1", 1)
+    await store.write(WriteBatch(deliveries=[d]))
+    assert await store.claim_delivery(d.id, "n1", 2000, 3000) is not None
+    assert await store.settle_delivery(d.id, "n1", {"status": "failed", "attempts": 4})
+    assert await store.due_deliveries(10_000, 10) == []
+    replayed = await store.replay_delivery(d.id, 10_000)
+    assert replayed is not None
+    assert (replayed["status"], replayed["next_at"]) == ("pending", 10_000)
+    assert replayed["since"] == 10_000
+    assert replayed["attempts"] == 4  # its history stays
+    assert [x["_id"] for x in await store.due_deliveries(10_000, 10)] == [d.id]
+    assert await store.replay_delivery("hook:c9:1", 10_000) is None
 
 
 async def test_mongo_collections_and_indexes(backend: Backend) -> None:

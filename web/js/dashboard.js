@@ -416,6 +416,68 @@ function usage(value) {
   return parts.length ? parts.join(" · ") : JSON.stringify(value).slice(0, 60);
 }
 
+// --------------------------------------------------------------------------- webhooks
+
+const WEBHOOKS_EVERY_MS = 5000;
+
+/** Each endpoint's last deliveries and those given up (`GET /api/webhooks`, admin). */
+async function loadWebhooks() {
+  let data;
+  try {
+    data = await api("/api/webhooks");
+  } catch (error) {
+    if (error.status !== 401 && error.status !== 403) alertLine.show(`Couldn't load the webhooks: ${error.message}`);
+    return;
+  }
+  const box = byId("webhooks");
+  byId("webhooks-empty").hidden = data.endpoints.length > 0;
+  replace(box, ...data.endpoints.map((endpoint) => h("div", { class: "webhook", dataset: { endpoint: endpoint.name } },
+    h("h3", {}, endpoint.name, " ", h("span", { class: "mono count" }, endpoint.url)),
+    h("p", { class: "count" }, `Events: ${endpoint.events.join(", ")}`),
+    deliveriesTable(`Last deliveries to ${endpoint.name}`, endpoint.deliveries, "deliveries"),
+    endpoint.failures.length
+      ? deliveriesTable(`Deliveries to ${endpoint.name} given up`, endpoint.failures, "failures")
+      : h("p", { class: "empty failures" }, "No delivery given up."))));
+}
+
+function deliveriesTable(caption, deliveries, kind) {
+  if (!deliveries.length) return h("p", { class: `empty ${kind}` }, "No deliveries yet.");
+  return h("div", { class: "table-wrap" }, h("table", { class: kind },
+    h("caption", { class: "visually-hidden" }, caption),
+    h("thead", {}, h("tr", {}, ...["Status", "Event", "Conversation", "Offset", "Tries", "Last error", "Created", ""]
+      .map((name) => h("th", { scope: "col" }, name)))),
+    h("tbody", {}, ...deliveries.map((d) => h("tr", { dataset: { deliveryId: d.delivery_id } },
+      h("td", { class: `status status-${d.status}` }, d.status),
+      h("td", {}, d.type),
+      h("td", { class: "mono" }, d.conversation_id),
+      h("td", {}, String(d.offset)),
+      h("td", {}, String(d.attempts)),
+      h("td", {}, d.last_error || "—"),
+      h("td", {}, `${duration(Date.now() - d.created)} ago`),
+      h("td", {}, d.status === "pending" ? "" : h("button", {
+        type: "button",
+        class: "link-button",
+        "aria-label": `Replay ${d.type} of ${d.conversation_id} at ${d.offset}`,
+        onclick: (event) => replay(d.delivery_id, event.currentTarget),
+      }, "Replay")))))));
+}
+
+async function replay(deliveryId, button) {
+  button.disabled = true;
+  button.textContent = "Replaying…";
+  try {
+    await api(`/api/webhooks/deliveries/${encodeURIComponent(deliveryId)}/replay`, { method: "POST" });
+  } catch (error) {
+    alertLine.show(`Couldn't replay delivery ${deliveryId}: ${error.message}`);
+  }
+  await loadWebhooks();
+}
+
+function pollWebhooks() {
+  setTimeout(pollWebhooks, WEBHOOKS_EVERY_MS);
+  if (document.visibilityState !== "hidden") loadWebhooks();
+}
+
 // --------------------------------------------------------------------------- start
 
 ui.statusFilter.addEventListener("change", draw);
@@ -427,5 +489,7 @@ ui.detail.addEventListener("close", () => {
 });
 window.addEventListener("error", (event) => alertLine.show(`Something went wrong on this page: ${event.message}. Reload to continue.`));
 
+byId("webhooks-refresh").addEventListener("click", loadWebhooks);
 socket.start();
+pollWebhooks();
 setTimeout(tick, 1000 - (Date.now() % 1000) + 20);
