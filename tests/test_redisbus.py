@@ -234,10 +234,13 @@ async def test_after_redis_lost_everything_a_node_takes_its_leases_again(
     assert await a.acquire("c") is None
     assert await a.acquire("d") is None
     await redis.flushall()  # a restarted Redis keeps nothing
-    assert await b.beat(b"{}") is True
+    assert await b.beat(b"{}") is False  # b held nothing: nothing to assert again
     assert await b.acquire("d") is None  # b was quicker for one of them
     assert await a.beat(b"{}") is True  # a learns that Redis lost its liveness
+    assert not a.valid()  # ... and writes nothing until it knows which leases are its own
     assert await a.reassert() == ["d"]
+    a.confirm()
+    assert a.valid()
     assert a.holds("c")
     assert not a.holds("d")
     assert await b.acquire("c") == "a"

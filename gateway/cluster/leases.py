@@ -66,6 +66,7 @@ class Leases:
         self._alive_key = f"{PREFIX}alive:{node}"
         self._alive_prefix = f"{PREFIX}alive:"
         self._valid_until = 0.0  # monotonic: this node may write until then
+        self._renewed = 0.0  # what a renewal that must be confirmed would make it
         self.held: dict[str, str] = {}  # conversation -> our lease value
         self._acquire: Any = redis.register_script(ACQUIRE)
         self._release: Any = redis.register_script(RELEASE)
@@ -79,12 +80,23 @@ class Leases:
 
     async def beat(self, info: bytes) -> bool:
         """Renew this node's liveness. True when Redis had lost it (restarted, or this
-        node was cut off for longer than the liveness time): held leases must then be
-        asserted again (`reassert`)."""
+        node was cut off for longer than the liveness time) while this node held leases:
+        they must be asserted again (`reassert`, then `confirm`) before it writes."""
         sent = time.monotonic()
         old = await self.redis.set(self._alive_key, info, px=self.alive_ms, get=True)
-        self._valid_until = sent + SAFETY * self.alive_ms / 1000
-        return old is None
+        until = sent + SAFETY * self.alive_ms / 1000
+        if old is None and self.held:
+            # Another node may have taken some of them meanwhile: this node writes
+            # nothing until it knows which (`reassert`, then `confirm`).
+            self._valid_until = 0.0
+            self._renewed = until
+            return True
+        self._valid_until = until
+        return False
+
+    def confirm(self) -> None:
+        """The held leases were asserted again after `beat` said they had to be."""
+        self._valid_until = max(self._valid_until, self._renewed)
 
     async def reassert(self) -> list[str]:
         """Take the held leases again after Redis lost them; the conversations another

@@ -179,12 +179,13 @@ class ClusterNode:
         return info
 
     async def _beat(self) -> None:
-        if await self.leases.beat(orjson.dumps(self.info())) and self.leases.held:
+        if await self.leases.beat(orjson.dumps(self.info())):
             for cid in await self.leases.reassert():
                 log.warning("cluster: %s is held by another node now", cid)
                 actor = self.hub.actors.get(cid)
                 if actor is not None:
                     actor.fence()
+            self.leases.confirm()  # only now: no actor of a lost lease writes meanwhile
 
     async def _heartbeat(self) -> None:
         while True:
