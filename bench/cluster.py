@@ -218,7 +218,13 @@ class LayoutResult:
 
 
 async def layout_run(
-    layout: Layout, shared: Shared, clients: int, rate: float, duration: float, quiet_wait: float
+    layout: Layout,
+    shared: Shared,
+    clients: int,
+    rate: float,
+    duration: float,
+    quiet_wait: float,
+    profile_dir: Path | None,
 ) -> LayoutResult:
     count = max(1, round(rate * duration))
     cid = f"cluster-{layout.label}-{uuid.uuid4().hex[:8]}"
@@ -233,7 +239,7 @@ async def layout_run(
         urls = [layout.hosts[i % len(layout.hosts)].url(cid) for i in range(clients)]
         conns = await gather_batched([connect(url, delivery) for url in urls])
         window = await _stream(
-            layout, conns, delivery, rate, count, duration, None, quiet_wait, [sender[0]]
+            layout, conns, delivery, rate, count, duration, profile_dir, quiet_wait, [sender[0]]
         )  # type: ignore[arg-type]
     finally:
         close([*conns, sender])
@@ -274,6 +280,7 @@ async def fanout_part(args: argparse.Namespace, shared: Shared, logdir: Path) ->
                         args.rate,
                         args.duration,
                         args.quiet_wait,
+                        args.profile,
                     ),
                     lambda r: r.run.others_share,
                     args.retries,
@@ -591,10 +598,12 @@ def main() -> int:
         default=2,
         help="measure a run again when other processes took >= 10%% of core 0 meanwhile",
     )
+    parser.add_argument(
+        "--profile", type=Path, help="attach py-spy to the owner node in each layout run"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
     parser.add_argument("--keep-logs", action="store_true", help="keep the servers' logs")
     args = parser.parse_args()
-    args.profile = None
     if not 0 < args.duration <= 600:
         parser.error("--duration must be in (0, 600]")
     if args.clients < 2:
