@@ -9,7 +9,8 @@ PYTHON313 ?= $(shell for p in python3.13 /root/.pyenv/versions/3.13.0/bin/python
 	$$p -c '' >/dev/null 2>&1 && { command -v $$p; break; }; done)
 MONGOECO_VENV := .venv-mongoeco
 
-.PHONY: run test lint typecheck pytest bench bench-persistence bench-runners soak clean mongoeco
+.PHONY: run test lint typecheck pytest bench bench-persistence bench-runners bench-cluster soak \
+	clean mongoeco
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -84,6 +85,10 @@ bench-persistence: $(VENV)/.installed-bench
 
 bench-runners: $(VENV)/.installed-bench
 	$(BIN)/python bench/runners.py
+
+# Cluster mode's costs (issue 12): needs redis-server, and git for the single-process check.
+bench-cluster: $(VENV)/.installed-bench $(REDIS_SERVER)
+	$(BIN)/python bench/cluster.py
 
 soak: $(VENV)/.installed-bench
 	$(BIN)/python bench/soak.py

@@ -142,7 +142,8 @@ class Server:
     """One server subprocess on core 0; `stop()` ends it by pid.
 
     `env` is added to the gateway's environment (bench/persistence.py runs it with
-    another store, STEERWAY_STORE=auto); `label` names the server in the results."""
+    another store, STEERWAY_STORE=auto); `label` names the server in the results;
+    `root` is the source tree it runs (bench/cluster.py runs an older checkout too)."""
 
     def __init__(
         self,
@@ -153,8 +154,10 @@ class Server:
         *,
         env: Mapping[str, str] | None = None,
         label: str | None = None,
+        root: Path = ROOT,
     ) -> None:
         self.kind = kind
+        self.root = root
         self.compression = compression
         self._label = label or ("gateway" if kind == "gateway" else "baseline")
         self.port = free_port()
@@ -162,10 +165,14 @@ class Server:
         self.log_path = logdir / f"{self._label}-{mode}-{self.port}.log"
         env_extra = dict(env or {})
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
         if kind == "gateway":
             steerway = Path(sys.executable).with_name("steerway")
-            cmd = [str(steerway)] if steerway.exists() else [sys.executable, "-m", "gateway.cli"]
+            # the installed `steerway` runs this checkout; another tree, its own gateway.cli
+            if steerway.exists() and root == ROOT:
+                cmd = [str(steerway)]
+            else:
+                cmd = [sys.executable, "-m", "gateway.cli"]
             self.argv = [*cmd, "serve", "--host", "127.0.0.1", "--port", str(self.port)]
             env.update(
                 STEERWAY_STORE="memory",
@@ -197,7 +204,7 @@ class Server:
         log = open(self.log_path, "wb")  # noqa: SIM115 - the child keeps it
         self.proc = subprocess.Popen(
             self.argv,
-            cwd=ROOT,
+            cwd=self.root,
             env=self.env,
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -225,6 +232,10 @@ class Server:
     def cpu_s(self) -> float:
         """CPU seconds of the server's processes on core 0 (a subclass may add children)."""
         return proc_cpu_s(self.pid)
+
+    def cpu_parts(self) -> dict[str, float]:
+        """`cpu_s` by process, named (bench/cluster.py sums several nodes, Redis and a store)."""
+        return {self.label: self.cpu_s()}
 
     def rss_kib(self) -> int:
         return proc_rss_kib(self.pid)
@@ -449,9 +460,10 @@ async def _stream(
     profile_dir: Path | None,
     quiet_wait: float,
     senders: list[WSTransport],
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Start the run (one trigger from each of `senders`, one per conversation) and wait
-    for it to end; the CPU and time figures of the window."""
+    for it to end; the CPU and time figures of the window (`parts`: the server's CPU
+    seconds by process, `cpu` their sum)."""
     await asyncio.sleep(0.5)  # let the server settle after the connection burst
     if quiet_wait > 0:
         await wait_quiet(server.cpu_s, quiet_wait)
@@ -477,7 +489,7 @@ async def _stream(
     gc.disable()
     me = os.getpid()
     core0, steal0 = core_times(SERVER_CORE)
-    cpu0, mine0, t0 = server.cpu_s(), proc_cpu_s(me), time.monotonic()
+    parts0, mine0, t0 = server.cpu_parts(), proc_cpu_s(me), time.monotonic()
     for i, (sender, trigger) in enumerate(zip(senders, triggers, strict=True)):
         if i:  # several conversations tick out of phase, evenly over one period
             await asyncio.sleep(1.0 / (rate * len(senders)))
@@ -489,13 +501,15 @@ async def _stream(
         timed_out = 1.0
     finally:
         gc.enable()
-    cpu1, mine1, t1 = server.cpu_s(), proc_cpu_s(me), time.monotonic()
+    parts1, mine1, t1 = server.cpu_parts(), proc_cpu_s(me), time.monotonic()
     core1, steal1 = core_times(SERVER_CORE)
     if profiler is not None:
         profiler.wait()
+    parts = {name: parts1[name] - parts0[name] for name in parts0}
     return {
         "wall": t1 - t0,
-        "cpu": cpu1 - cpu0,
+        "cpu": sum(parts.values()),
+        "parts": parts,
         "client_cpu": mine1 - mine0,
         "core_busy": core1 - core0,
         "steal": steal1 - steal0,
@@ -520,35 +534,54 @@ async def throughput(
     cid = f"bench-{int(rate)}-{uuid.uuid4().hex[:8]}"
     cids = [cid] if conversations == 1 else [f"{cid}-{i}" for i in range(conversations)]
     delivery = Delivery(clients, count)
-
-    async def connect(url: str) -> tuple[WSTransport, FastClient]:
-        transport, listener = await ws_connect(lambda: FastClient(delivery), url)
-        await asyncio.wait_for(listener.ready, 10)
-        return transport, listener
-
     conns: list[tuple[WSTransport, FastClient]] = []
     try:
         urls = [server.url(cids[i % conversations]) for i in range(clients)]
-        conns = await gather_batched([connect(url) for url in urls])
+        conns = await gather_batched([connect(url, delivery) for url in urls])
         # clients i < conversations are the first of each conversation: they start its run
         senders = [transport for transport, _ in conns[:conversations]]
         window = await _stream(
             server, conns, delivery, rate, count, duration, profile_dir, quiet_wait, senders
         )
     finally:
-        for transport, _ in conns:
-            if not transport.is_disconnected:
-                transport.send_close(WSCloseCode.OK)
-                transport.disconnect()
+        close(conns)
     await asyncio.sleep(0.3)
     delivery.analyse([listener for _, listener in conns])
+    return run_result(server.label, rate, clients, duration, count, delivery, window)
+
+
+async def connect(url: str, delivery: Delivery) -> tuple[WSTransport, FastClient]:
+    """A picows client of `delivery`, once it has its `ready`."""
+    transport, listener = await ws_connect(lambda: FastClient(delivery), url)
+    await asyncio.wait_for(listener.ready, 10)
+    return transport, listener
+
+
+def close(conns: list[tuple[WSTransport, FastClient]]) -> None:
+    for transport, _ in conns:
+        if not transport.is_disconnected:
+            transport.send_close(WSCloseCode.OK)
+            transport.disconnect()
+
+
+def run_result(
+    label: str,
+    rate: float,
+    clients: int,
+    duration: float,
+    count: int,
+    delivery: Delivery,
+    window: dict[str, Any],
+) -> RunResult:
+    """The figures of one run, from what `clients` clients received (`delivery`, analysed)
+    and the window `_stream` measured."""
     if window["timed_out"]:
         delivery.errors.append("timed out waiting for run.ended")
     lat = sorted(delivery.latency_ns)
     span_ns = delivery.last_arrival - delivery.first_stamp if delivery.first_stamp else 0
     wall, cpu = window["wall"], window["cpu"]
     return RunResult(
-        server=server.label,
+        server=label,
         rate=rate,
         clients=clients,
         duration=duration,
