@@ -39,6 +39,7 @@ from gateway.protocol.frames import (
     is_conversation_id,
     parse_client_frame,
 )
+from gateway.replay import ReplayReader
 from gateway.wsserver import PREBUILT
 
 log = logging.getLogger("steerway.ws")
@@ -57,7 +58,6 @@ logging.getLogger("uvicorn.error").addFilter(_DenialLogFilter())
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
-REPLAY_PAGE = 500
 
 
 class BadRequest(Exception):
@@ -100,6 +100,7 @@ class ConversationSocket:
     def __init__(self, hub: ConversationHub, slots: ConnectionSlots) -> None:
         self.hub = hub
         self.slots = slots
+        self.replays = ReplayReader(hub.store)  # clients catching up at once share reads
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if (await receive())["type"] != "websocket.connect":
@@ -128,7 +129,9 @@ class ConversationSocket:
                 return
             label = (query.get("client") or [""])[-1][:64]
             prebuilt = scope.get("extensions", {}).get(PREBUILT, {}).get("write")
-            session = Session(self.hub, actor, send, receive, after, label, who.author, prebuilt)
+            session = Session(
+                self.hub, self.replays, actor, send, receive, after, label, who.author, prebuilt
+            )
             await session.serve()
         finally:
             self.slots.release(cid)
@@ -140,6 +143,7 @@ class Session:
     def __init__(
         self,
         hub: ConversationHub,
+        replays: ReplayReader,
         actor: ConversationRef,
         send: Any,
         receive: Any,
@@ -150,6 +154,7 @@ class Session:
     ) -> None:
         settings = hub.settings
         self.hub = hub
+        self.replays = replays
         self.cid = actor.conversation_id
         self.send = send
         self.receive = receive
@@ -234,15 +239,10 @@ class Session:
         self._closing = asyncio.create_task(self._close(CloseCode.SLOW_CONSUMER, "slow_consumer"))
 
     async def _replay(self, after: int, head: int) -> None:
-        store = self.hub.store
-        offset = after
-        while offset < head:
-            payloads = await store.read_events(self.cid, offset, min(REPLAY_PAGE, head - offset))
-            if not payloads:
-                break
+        """`(after, head]` from the store, read once for every client catching up with it."""
+        async for payloads in self.replays.pages(self.cid, after, head):
             for text in payloads:
                 await self.send({"type": "websocket.send", "text": text})
-            offset += len(payloads)
 
     async def _close(self, code: int, reason: str) -> None:
         if self.close_code is None:
