@@ -34,8 +34,10 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 from websockets.http11 import Request
 from websockets.protocol import State
+from websockets.server import ServerProtocol
 
 from gateway.config import Settings
 from gateway.protocol.codes import CloseCode
@@ -59,8 +61,23 @@ def text_frame(payload: bytes) -> bytes:
 
 
 class SteerwayWebSocketProtocol(WebSocketsSansIOProtocol):
+    # permessage-deflate's window bits and zlib memLevel (uvicorn's own: 12 and 5);
+    # `connection_options` makes a subclass with the settings' values
+    deflate_window_bits = 12
+    deflate_mem_level = 5
+
     def __init__(self, config: Config, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, *args, **kwargs)
+        if config.ws_per_message_deflate:
+            bits = self.deflate_window_bits
+            deflate = ServerPerMessageDeflateFactory(
+                server_max_window_bits=bits,
+                client_max_window_bits=bits,
+                compress_settings={"memLevel": self.deflate_mem_level},
+            )
+            self.conn = ServerProtocol(
+                extensions=[deflate], max_size=config.ws_max_size, logger=self.conn.logger
+            )
         # the time a peer has to answer, a ping or a close alike
         self.close_timeout = config.ws_ping_timeout or self.close_timeout
         self.shutdown_deferred: asyncio.Event | None = None
@@ -162,8 +179,16 @@ class SteerwayHttpToolsProtocol(HttpToolsProtocol):
 def connection_options(settings: Settings) -> dict[str, Any]:
     """uvicorn's options for WebSocket and HTTP connections as the settings want them:
     the same in `steerway serve` and in the tests (which choose their HTTP protocol)."""
+    protocol = type(
+        "SteerwayWebSocketProtocol",
+        (SteerwayWebSocketProtocol,),
+        {
+            "deflate_window_bits": settings.ws_deflate_window_bits,
+            "deflate_mem_level": settings.ws_deflate_mem_level,
+        },
+    )
     return {
-        "ws": SteerwayWebSocketProtocol,
+        "ws": protocol,
         "ws_max_size": settings.max_frame_bytes,
         "ws_per_message_deflate": settings.ws_compression,
         "ws_ping_interval": settings.ws_ping_interval_s,
