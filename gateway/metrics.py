@@ -40,5 +40,11 @@ class Metrics:
             "steerway_store_batches", "Group commits written to the store", registry=r
         )
 
+        self.replay_reads = Gauge(
+            "steerway_replay_store_reads",
+            "Store reads of WebSocket replays (one per page, shared by the clients at once)",
+            registry=r,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

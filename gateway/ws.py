@@ -101,6 +101,7 @@ class ConversationSocket:
         self.hub = hub
         self.slots = slots
         self.replays = ReplayReader(hub.store)  # clients catching up at once share reads
+        hub.metrics.replay_reads.set_function(lambda: self.replays.reads)
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if (await receive())["type"] != "websocket.connect":
@@ -121,6 +122,7 @@ class ConversationSocket:
         except Refused as exc:
             await auth.refuse(send, exc)
             return
+        scope["headers"] = []  # admitted: nothing reads them again (~1 KiB per connection)
         try:
             try:
                 actor = await self.hub.get(cid)
@@ -182,15 +184,8 @@ class Session:
             return
         hub.dashboard.clients_changed(self.cid)
         self.outbox.floor = max(head, self.after or 0)
-        ready = Ready(
-            conversation_id=self.cid,
-            session_id=self.session_id,
-            head=head,
-            active_run=actor.summary(),
-            queued_runs=actor.queued_runs,
-        )
         metrics.connections.labels("conversation").inc()
-        await self.send({"type": "websocket.send", "text": encode(ready).decode()})
+        await self.send({"type": "websocket.send", "text": self._ready(actor, head)})
         writer = asyncio.create_task(self._write(head))
         try:
             await self._read()
@@ -202,6 +197,17 @@ class Session:
             await writer
             if self._closing is not None:
                 await self._closing
+
+    def _ready(self, actor: ConversationRef, head: int) -> str:
+        """The `ready` frame (built here: no model of it outlives the connection's start)."""
+        ready = Ready(
+            conversation_id=self.cid,
+            session_id=self.session_id,
+            head=head,
+            active_run=actor.summary(),
+            queued_runs=actor.queued_runs,
+        )
+        return encode(ready).decode()
 
     # ------------------------------------------------------------------ writer
 
