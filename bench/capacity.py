@@ -78,7 +78,7 @@ TARGET_CPU_RATIO = 1.5
 TARGET_STORE_EXTRA_MS = 10.0
 TARGET_STORM_S = 10.0
 SECRET = "capacity-bench-secret-0123456789abcdef"  # >= 32 bytes
-DEFLATE_GRID = [(15, 8), (12, 5), (11, 4), (10, 3), (10, 2), (9, 2), (9, 1)]
+DEFLATE_GRID = [(15, 8), (12, 5), (11, 4), (11, 3), (11, 2), (11, 1), (10, 3), (9, 2)]
 CHAT = [  # what people ask an agent: the echo runner answers with the same words
     "Can you summarise the incident report from last night and list the open actions?",
     "What changed between version 2.3 and 2.4 of the billing service?",

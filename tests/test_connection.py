@@ -349,7 +349,7 @@ async def test_permessage_deflate_uses_the_configured_window_and_memory_level() 
             ack = await ack_of(client, "big")
             await expect(client, "run.ended", run_id=ack["run_id"])
         protocol = gw.server.config.ws_protocol_class
-        assert protocol.deflate_mem_level == 3  # the default
+        assert protocol.deflate_mem_level == 2  # the default
 
 
 def test_deflate_settings_out_of_zlib_range_are_refused() -> None:
