@@ -315,7 +315,7 @@ async def many_conversations(server: Server, args: argparse.Namespace) -> dict[s
             args.streaming * each,
             args.rate,
             args.duration,
-            None,
+            args.profile,
             args.quiet_wait,
             conversations=args.streaming,
         )
@@ -697,9 +697,11 @@ def main() -> int:
     parser.add_argument("--limit", type=int, default=2000, help="max_connections of `limit`")
     parser.add_argument("--quiet-wait", type=float, default=20.0)
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--profile", type=Path, help="py-spy on the server in `many` (folded stacks here)"
+    )
     parser.add_argument("--keep-logs", action="store_true")
     args = parser.parse_args()
-    args.profile = None
     if args.connections % args.conversations or args.streaming >= args.conversations:
         parser.error("--connections must be a multiple of --conversations > --streaming")
     prepare(parser, args, sockets=2 * args.connections + 512)
