@@ -162,8 +162,8 @@ class Conn(WSListener):  # type: ignore[misc]
 
 
 async def open_conn(url: str, want: int = 0) -> Conn:
-    _, conn = await ws_connect(lambda: Conn(want), url)
-    await asyncio.wait_for(asyncio.shield(conn.ready), 30)
+    _, conn = await ws_connect(lambda: Conn(want), url, websocket_handshake_timeout=60)
+    await asyncio.wait_for(asyncio.shield(conn.ready), 60)
     return conn
 
 
@@ -377,7 +377,9 @@ async def storm(server: Server, args: argparse.Namespace) -> dict[str, Any]:
         url = server.url(cid) + f"?after={heads[cid] - args.catch_up}"
         started[i] = time.monotonic()
         try:
-            _, conn = await ws_connect(lambda: Conn(args.catch_up), url)
+            _, conn = await ws_connect(
+                lambda: Conn(args.catch_up), url, websocket_handshake_timeout=60
+            )
             conns[i] = conn
             await asyncio.wait_for(asyncio.shield(conn.caught_up), 60)
         except Exception as exc:
@@ -530,13 +532,13 @@ async def bench(args: argparse.Namespace, logdir: Path) -> dict[str, Any]:
                         print(f"#   idle: {r['kib_per_connection']:.1f} KiB/connection", flush=True)
     if "many" in todo:
         out["many"] = []
-        servers: list[Callable[[], Server]] = [
-            lambda: baseline(logdir),
-            lambda: StoreServer("memory", logdir, SERVER_CORE),
-            lambda: StoreServer(NX, logdir, SERVER_CORE),
-            lambda: StoreServer(NX, logdir, CLIENT_CORE),
-        ]
-        for make in servers:
+        servers: dict[str, Callable[[], Server]] = {
+            "baseline": lambda: baseline(logdir),
+            "memory": lambda: StoreServer("memory", logdir, SERVER_CORE),
+            "nx": lambda: StoreServer(NX, logdir, SERVER_CORE),
+            "nx-own-core": lambda: StoreServer(NX, logdir, CLIENT_CORE),
+        }
+        for make in (servers[name] for name in args.many_servers):
             server = make()
             with running(server):
                 r = await many_conversations(server, args)
@@ -691,6 +693,13 @@ def main() -> int:
     parser.add_argument("--streaming", type=int, default=100, help="conversations streaming")
     parser.add_argument("--rate", type=float, default=20.0, help="chunks/s of each run")
     parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument(
+        "--many-servers",
+        nargs="+",
+        choices=["baseline", "memory", "nx", "nx-own-core"],
+        default=["baseline", "memory", "nx", "nx-own-core"],
+        help="servers of `many`: the baseline, the gateway on each store",
+    )
     parser.add_argument("--catch-up", type=int, default=50, help="events each client replays")
     parser.add_argument("--storm-window", type=float, default=1.0, help="seconds of reconnects")
     parser.add_argument("--rate-connections", type=int, default=3000)

@@ -170,8 +170,8 @@ class Session:
         self.close_code: int | None = None
         self._closing: asyncio.Task[None] | None = None
         self.outbox.on_overflow = self._overflowed
+        self._prebuilt = prebuilt
         if prebuilt is not None:
-            self._prebuilt = prebuilt
             self.outbox.direct = self._direct
 
     async def serve(self) -> None:
@@ -213,6 +213,7 @@ class Session:
 
     def _direct(self, frame: Frame) -> bool:
         """The outbox's fast path: the shared frame straight onto the socket."""
+        assert self._prebuilt is not None
         if not self._prebuilt(frame.framed()):
             return False
         if frame.born:
@@ -246,8 +247,12 @@ class Session:
 
     async def _replay(self, after: int, head: int) -> None:
         """`(after, head]` from the store, read once for every client catching up with it."""
-        async for payloads in self.replays.pages(self.cid, after, head):
-            for text in payloads:
+        prebuilt = self._prebuilt
+        async for page, start, end in self.replays.pages(self.cid, after, head):
+            # the page's frames in one write when the socket takes them now; else one by one
+            if prebuilt is not None and prebuilt(page.framed(start, end)):
+                continue
+            for text in page.texts[start:end]:
                 await self.send({"type": "websocket.send", "text": text})
 
     async def _close(self, code: int, reason: str) -> None:

@@ -8,7 +8,8 @@ import asyncio
 
 import pytest
 
-from gateway.replay import ReplayReader
+from gateway.replay import Page, ReplayReader
+from gateway.wsserver import text_frame
 from store.memory import MemoryStore
 from tests.conftest import run_gateway
 from tests.helpers import END, Fed, ack_of, delta, expect, run_completed
@@ -33,7 +34,11 @@ class Pages:
 
 
 async def collect(reader: ReplayReader, after: int, head: int) -> list[str]:
-    return [text async for page in reader.pages("c", after, head) for text in page]
+    return [
+        text
+        async for page, start, end in reader.pages("c", after, head)
+        for text in page.texts[start:end]
+    ]
 
 
 def offsets(n: int, m: int) -> list[str]:
@@ -75,7 +80,7 @@ async def test_a_replay_stops_where_the_store_ends() -> None:
 
 async def test_the_cache_is_bounded_in_bytes() -> None:
     store = Pages(100)
-    bound = sum(map(len, store.events[70:100]))  # the last three pages of 10 events
+    bound = 2 * sum(map(len, store.events[70:100]))  # the last three pages, text and frames
     reader = ReplayReader(store, page=10, cache_bytes=bound)  # type: ignore[arg-type]
     assert await collect(reader, 0, 100) == offsets(1, 100)
     assert len(reader._cache) == 3
@@ -84,6 +89,42 @@ async def test_the_cache_is_bounded_in_bytes() -> None:
     assert len(store.reads) == 10
     assert await collect(reader, 0, 10) == offsets(1, 10)  # evicted: read again
     assert len(store.reads) == 11
+
+
+async def test_clients_at_once_share_one_page_and_its_frames() -> None:
+    gate = asyncio.Event()
+    reader = ReplayReader(Pages(30, gate), page=50)  # type: ignore[arg-type]
+
+    async def slices(after: int) -> list[tuple[Page, int, int]]:
+        return [s async for s in reader.pages("c", after, 30)]
+
+    replays = [asyncio.create_task(slices(a)) for a in (0, 10, 29)]
+    await asyncio.sleep(0)
+    gate.set()
+    (whole,), (tail,), (last,) = await asyncio.gather(*replays)
+    assert whole[0] is tail[0] is last[0]  # one Page object for every client
+    assert (whole[1:], tail[1:], last[1:]) == ((0, 30), (10, 30), (29, 30))
+    page = whole[0]
+    assert page.framed(29, 30) == text_frame(b'{"offset":30}')
+    assert page.framed(0, 30) == b"".join(text_frame(t.encode()) for t in offsets(1, 30))
+
+
+async def test_pages_unused_for_the_ttl_are_dropped() -> None:
+    now = [100.0]
+    store = Pages(30)
+    reader = ReplayReader(store, page=10, ttl_s=5, clock=lambda: now[0])  # type: ignore[arg-type]
+    assert await collect(reader, 0, 30) == offsets(1, 30)
+    now[0] += 4
+    assert await collect(reader, 25, 30) == offsets(26, 30)  # page 2 used again
+    now[0] += 2
+    reader.purge()
+    assert list(reader._cache) == [("c", 2)]  # pages 0 and 1: unused for 6 s
+    assert reader._cached_bytes == reader._cache["c", 2].size
+    now[0] += 6
+    reader.purge()
+    assert not reader._cache
+    assert reader._cached_bytes == 0
+    assert reader._purging is None  # nothing left to look at
 
 
 async def test_a_client_that_goes_away_does_not_cancel_the_others_read() -> None:
@@ -158,6 +199,9 @@ async def test_a_reconnect_storm_reads_each_page_once_and_every_client_gets_ever
             await asyncio.gather(*(e.wait() for e in replayed))
             reads = store.reads - before
             assert reads <= 3, f"{reads} store reads for {len(afters)} clients"
+            async with gw.client() as http:  # the gateway counts them (/metrics)
+                scraped = (await http.get("/metrics")).text
+            assert f"steerway_replay_store_reads {float(reads)}" in scraped.splitlines()
             async with gw.connect(cid) as control:
                 runner.put(delta("live"), run_completed(), END)
                 await control.message("after", "after", runner="fed")
