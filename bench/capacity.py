@@ -58,6 +58,7 @@ from bench.chunks import trigger_text  # noqa: E402
 from bench.fanout import (  # noqa: E402
     CLIENT_CORE,
     SERVER_CORE,
+    Profiler,
     RunResult,
     Server,
     machine,
@@ -359,6 +360,7 @@ async def storm(server: Server, args: argparse.Namespace) -> dict[str, Any]:
     rss0 = server.rss_kib()
     reads0 = replay_reads(server)
     cpu0 = server.cpu_s()
+    store0 = server.store_cpu_s() if isinstance(server, StoreServer) else 0.0
     conns: list[Conn | None] = [None] * n
     started = [0.0] * n
     errors: list[str] = []
@@ -385,11 +387,17 @@ async def storm(server: Server, args: argparse.Namespace) -> dict[str, Any]:
         except Exception as exc:
             errors.append(f"{type(exc).__name__}: {exc}")
 
+    profiler = None
+    if args.profile is not None:
+        name = f"storm-{server.label}-{uuid.uuid4().hex[:6]}.folded"
+        profiler = Profiler(server.pid, args.profile / name, 30)
     sampler = asyncio.create_task(sample())
     t0 = time.monotonic() + 0.1
     await asyncio.gather(*(one(i, t0 + i / n * args.storm_window) for i in range(n)))
     sampling = False
     await sampler
+    if profiler is not None:
+        await asyncio.to_thread(profiler.wait)
     live = [
         c for c in conns if c is not None and c.caught_up.done() and not c.caught_up.exception()
     ]
@@ -423,6 +431,7 @@ async def storm(server: Server, args: argparse.Namespace) -> dict[str, Any]:
         "rss_peak_kib": peak,
         "server_cpu_s": server.cpu_s() - cpu0,
         "store_reads": replay_reads(server) - reads0,
+        "store_cpu_s": (server.store_cpu_s() if isinstance(server, StoreServer) else 0.0) - store0,
     }
     close_all([c for c in conns if c is not None])
     await asyncio.sleep(1.0)
@@ -530,14 +539,14 @@ async def bench(args: argparse.Namespace, logdir: Path) -> dict[str, Any]:
                         r = await idle_memory(server, args.connections, args.conversations)
                         out["idle"].append(r)
                         print(f"#   idle: {r['kib_per_connection']:.1f} KiB/connection", flush=True)
+    servers: dict[str, Callable[[], Server]] = {
+        "baseline": lambda: baseline(logdir),
+        "memory": lambda: StoreServer("memory", logdir, SERVER_CORE),
+        "nx": lambda: StoreServer(NX, logdir, SERVER_CORE),
+        "nx-own-core": lambda: StoreServer(NX, logdir, CLIENT_CORE),
+    }
     if "many" in todo:
         out["many"] = []
-        servers: dict[str, Callable[[], Server]] = {
-            "baseline": lambda: baseline(logdir),
-            "memory": lambda: StoreServer("memory", logdir, SERVER_CORE),
-            "nx": lambda: StoreServer(NX, logdir, SERVER_CORE),
-            "nx-own-core": lambda: StoreServer(NX, logdir, CLIENT_CORE),
-        }
         for make in (servers[name] for name in args.many_servers):
             server = make()
             with running(server):
@@ -550,11 +559,8 @@ async def bench(args: argparse.Namespace, logdir: Path) -> dict[str, Any]:
                 )
     if "storm" in todo:
         out["storm"] = []
-        for make in (
-            lambda: StoreServer("memory", logdir, SERVER_CORE),
-            lambda: StoreServer(NX, logdir, CLIENT_CORE),
-        ):
-            server = make()
+        for name in args.storm_servers:
+            server = servers[name]()
             with running(server):
                 r = await storm(server, args)
                 out["storm"].append(r)
@@ -621,7 +627,7 @@ def table(out: dict[str, Any]) -> str:
                 f"per client p50 {r['p50_ms']:.0f} p99 {r['p99_ms']:.0f} max {r['max_ms']:.0f} ms, "
                 f"wrong {r['wrong']}, errors {r['error_count']}, RSS {r['rss_before_kib'] // 1024}"
                 f" -> peak {r['rss_peak_kib'] // 1024} MiB, store reads {r['store_reads']}, "
-                f"CPU {r['server_cpu_s']:.1f} s"
+                f"CPU {r['server_cpu_s']:.1f} s (store {r['store_cpu_s']:.1f} s)"
             )
     if out.get("rate"):
         lines.append("Connection rate (ready received), 100 in flight")
@@ -700,6 +706,13 @@ def main() -> int:
         default=["baseline", "memory", "nx", "nx-own-core"],
         help="servers of `many`: the baseline, the gateway on each store",
     )
+    parser.add_argument(
+        "--storm-servers",
+        nargs="+",
+        choices=["memory", "nx", "nx-own-core"],
+        default=["memory", "nx", "nx-own-core"],
+        help="servers of `storm`: the gateway on each store",
+    )
     parser.add_argument("--catch-up", type=int, default=50, help="events each client replays")
     parser.add_argument("--storm-window", type=float, default=1.0, help="seconds of reconnects")
     parser.add_argument("--rate-connections", type=int, default=3000)
@@ -707,7 +720,7 @@ def main() -> int:
     parser.add_argument("--quiet-wait", type=float, default=20.0)
     parser.add_argument("--json", type=Path)
     parser.add_argument(
-        "--profile", type=Path, help="py-spy on the server in `many` (folded stacks here)"
+        "--profile", type=Path, help="py-spy on the server in `many` and `storm`: folded stacks"
     )
     parser.add_argument("--keep-logs", action="store_true")
     args = parser.parse_args()
