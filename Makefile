@@ -9,8 +9,8 @@ PYTHON313 ?= $(shell for p in python3.13 /root/.pyenv/versions/3.13.0/bin/python
 	$$p -c '' >/dev/null 2>&1 && { command -v $$p; break; }; done)
 MONGOECO_VENV := .venv-mongoeco
 
-.PHONY: run test lint typecheck pytest bench bench-persistence bench-runners bench-cluster soak \
-	clean mongoeco
+.PHONY: run test lint typecheck pytest bench bench-capacity bench-persistence bench-runners \
+	bench-cluster soak clean mongoeco
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -79,6 +79,10 @@ test: lint typecheck pytest
 
 bench: $(VENV)/.installed-bench
 	$(BIN)/python bench/fanout.py
+
+# Capacity of one node (issue 13): the table of docs/performance.md, "Capacity of one node".
+bench-capacity: $(VENV)/.installed-bench
+	$(BIN)/python bench/capacity.py --json capacity.json
 
 bench-persistence: $(VENV)/.installed-bench
 	$(BIN)/python bench/persistence.py

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -41,6 +42,29 @@ OPEN_WARNING = (
     "no secret is configured (STEERWAY_SECRET): authentication is OFF, every endpoint "
     "and every conversation is open to anyone who can reach this server"
 )
+
+
+CONVERSATION_PATH = "/ws/conversations/{conversation_id}"
+_CONVERSATIONS = CONVERSATION_PATH.split("{", 1)[0]
+
+
+class Gateway(Starlette):
+    """Starlette, with the conversation WebSocket served straight: its connections are the
+    many long-lived ones, and each coroutine of Starlette's middleware and routing would
+    stay suspended under it for the connection's life (~2.5 KiB per connection)."""
+
+    conversations: ConversationSocket
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "websocket" and path.startswith(_CONVERSATIONS):
+            cid = path[len(_CONVERSATIONS) :]
+            if cid and "/" not in cid:  # what the route would match
+                scope["app"] = self
+                scope["path_params"] = {"conversation_id": cid}
+                await self.conversations(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
 
 
 async def open_store(settings: Settings, stack: contextlib.AsyncExitStack) -> Store:
@@ -116,6 +140,7 @@ def create_app(
         return error(ErrorCode.NOT_FOUND, f"no such path: {request.url.path}")
 
     connections = ConnectionSlots(settings.max_connections, settings.max_conversation_clients)
+    conversations = ConversationSocket(hub, connections)
     routes: list[BaseRoute] = [
         Route("/healthz", healthz),
         Route("/readyz", readyz),
@@ -127,7 +152,7 @@ def create_app(
             api.wrap(not_found),
             methods=["GET", "POST", "PUT", "DELETE", "PATCH"],
         ),
-        WebSocketRoute("/ws/conversations/{conversation_id}", ConversationSocket(hub, connections)),
+        WebSocketRoute(CONVERSATION_PATH, conversations),
         WebSocketRoute("/ws/runners", RunnerSocket(hub, pool, connections)),
         WebSocketRoute("/ws/dashboard", DashboardSocket(hub, connections)),
     ]
@@ -165,7 +190,8 @@ def create_app(
                 tracing.disable()  # flushes the spans not yet exported
 
     auth.redact_logs()
-    app = Starlette(routes=routes, lifespan=lifespan)
+    app = Gateway(routes=routes, lifespan=lifespan)
+    app.conversations = conversations
     app.state.hub = hub
     app.state.settings = settings
     app.state.connections = connections  # WebSocket slots, shared by every endpoint

@@ -116,6 +116,9 @@ async def run_server(settings: Settings, runners: RunnerRegistry | None = None) 
             **connection_options(settings),
             log_level=settings.log_level,
             access_log=False,
+            # a reconnect storm after a deploy: every client at once (the kernel caps it
+            # at net.core.somaxconn)
+            backlog=max(2048, settings.max_connections),
         )
         # Everything imported so far lives as long as the process: keep it out of the
         # collector's way (full collections of it cost 25-45 ms pauses under load).

@@ -78,6 +78,11 @@ class Settings(BaseModel):
     runner_queue: int = Field(256, ge=1, description="runs waiting for one remote name, at most")
     runner_rate_per_s: float = Field(20_000.0, gt=0, description="frames/s from a remote runner")
     ws_compression: bool = Field(False, description="permessage-deflate on client sockets")
+    # zlib's window (2**bits bytes, both ways) and memory level: 11 and 2 compress a chat's
+    # frames as well as uvicorn's 12 and 5 at ~23 KiB of zlib state per connection, not ~40
+    # (docs/performance.md)
+    ws_deflate_window_bits: int = Field(11, ge=9, le=15, description="permessage-deflate window")
+    ws_deflate_mem_level: int = Field(2, ge=1, le=9, description="permessage-deflate zlib memLevel")
     secret: SecretStr = Field(
         SecretStr(""), description="HS256 key of tokens (>= 32 bytes); empty: no authentication"
     )

@@ -339,7 +339,7 @@ class ConversationActor:
         self.log.then(lambda: self.hub.dashboard.appended(self.conversation_id, docs))
         metrics = self.hub.metrics
         for event in fx.events:
-            metrics.events.labels(event.type).inc()
+            metrics.appended(event.type).inc()
         for run in fx.runs.values():
             if run.status.terminal:
                 self._ended.remember(run.run_id, True)

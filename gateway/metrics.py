@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -41,6 +42,21 @@ class Metrics:
         self.store_batches = Gauge(
             "steerway_store_batches", "Group commits written to the store", registry=r
         )
+
+        self._appended: dict[str, Any] = {}
+        self.replay_reads = Gauge(
+            "steerway_replay_store_reads",
+            "Store reads of WebSocket replays (one per page, shared by the clients at once)",
+            registry=r,
+        )
+
+    def appended(self, event_type: str) -> Any:
+        """The `events_appended` counter of one event type: `labels()` takes a lock and
+        checks its arguments, a cost per event on the hot path; the children are kept."""
+        child = self._appended.get(event_type)
+        if child is None:
+            child = self._appended[event_type] = self.events.labels(event_type)
+        return child
 
     def cluster(
         self, leases: Callable[[], int], gaps: Callable[[], int], dropped: Callable[[], int]

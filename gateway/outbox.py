@@ -72,7 +72,7 @@ class Outbox:
         self.max_frames = max_frames
         self.max_bytes = max_bytes
         self.floor = floor  # highest event offset queued or sent: later ones only
-        self._q: deque[Frame] = deque()
+        self._q: deque[Frame] | None = None  # made on first use: most clients keep up
         self._bytes = 0
         self._waiter: asyncio.Future[None] | None = None
         self._loop = asyncio.get_running_loop()
@@ -87,7 +87,7 @@ class Outbox:
         self.on_overflow: Callable[[], None] | None = None
 
     def __len__(self) -> int:
-        return len(self._q)
+        return len(self._q) if self._q is not None else 0
 
     @property
     def queued_bytes(self) -> int:
@@ -111,18 +111,21 @@ class Outbox:
             waiter = self._waiter
             if waiter is not None and not waiter.done() and self.direct(frame):
                 return
-        self._q.append(frame)
+        q = self._q
+        if q is None:
+            q = self._q = deque()
+        q.append(frame)
         self._bytes += frame.size
-        if len(self._q) > self.max_frames or self._bytes > self.max_bytes:
-            self._merge()
+        if len(q) > self.max_frames or self._bytes > self.max_bytes:
+            q = self._q = self._merge(q)
             # One frame alone is always taken, however large (a result of up to 1 MiB
             # makes an event a little over it): only a backlog overflows, and a merged
             # delta over the bound is one (else it would grow with the message, unbounded).
-            alone = len(self._q) == 1 and not isinstance(self._q[0].delta, CoalescedDelta)
+            alone = len(q) == 1 and not isinstance(q[0].delta, CoalescedDelta)
             backlog = self._bytes > self.max_bytes and not alone
-            if len(self._q) > self.max_frames or backlog:
+            if len(q) > self.max_frames or backlog:
                 self.overflowed = True
-                self._q.clear()
+                q.clear()
                 self._bytes = 0
                 if self.on_overflow is not None:
                     self.on_overflow()
@@ -134,7 +137,7 @@ class Outbox:
 
     async def get(self) -> Frame | None:
         """The next frame to send; None once the outbox is closed or overflowed."""
-        while not self._q:
+        while not (q := self._q):
             if self.closed or self.overflowed:
                 return None
             self._waiter = self._loop.create_future()
@@ -144,7 +147,7 @@ class Outbox:
                 self._waiter = None
         if self.overflowed:
             return None
-        frame = self._q.popleft()
+        frame = q.popleft()
         self._bytes -= frame.size
         return frame
 
@@ -153,7 +156,7 @@ class Outbox:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def _merge(self) -> None:
+    def _merge(self, q: deque[Frame]) -> deque[Frame]:
         """Merge runs of consecutive deltas of one message into single frames."""
         out: deque[Frame] = deque()
         run: list[Frame] = []
@@ -170,7 +173,7 @@ class Outbox:
                 self.merged += len(run) - 1
             run.clear()
 
-        for frame in self._q:
+        for frame in q:
             d = frame.delta
             if (
                 d is not None
@@ -186,5 +189,5 @@ class Outbox:
             else:
                 out.append(frame)
         flush()
-        self._q = out
         self._bytes = sum(f.size for f in out)
+        return out

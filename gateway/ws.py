@@ -40,6 +40,7 @@ from gateway.protocol.frames import (
     is_conversation_id,
     parse_client_frame,
 )
+from gateway.replay import ReplayReader
 from gateway.wsserver import PREBUILT
 
 log = logging.getLogger("steerway.ws")
@@ -58,7 +59,6 @@ logging.getLogger("uvicorn.error").addFilter(_DenialLogFilter())
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
-REPLAY_PAGE = 500
 
 
 class BadRequest(Exception):
@@ -109,6 +109,8 @@ class ConversationSocket:
     def __init__(self, hub: ConversationHub, slots: ConnectionSlots) -> None:
         self.hub = hub
         self.slots = slots
+        self.replays = ReplayReader(hub.store)  # clients catching up at once share reads
+        hub.metrics.replay_reads.set_function(lambda: self.replays.reads)
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if (await receive())["type"] != "websocket.connect":
@@ -130,6 +132,7 @@ class ConversationSocket:
         except Refused as exc:
             await auth.refuse(send, exc)
             return
+        scope["headers"] = []  # admitted: nothing reads them again (~1 KiB per connection)
         try:
             try:
                 actor = await self.hub.get(cid)
@@ -138,7 +141,9 @@ class ConversationSocket:
                 return
             label = (query.get("client") or [""])[-1][:64]
             prebuilt = scope.get("extensions", {}).get(PREBUILT, {}).get("write")
-            session = Session(self.hub, actor, send, receive, after, label, who.author, prebuilt)
+            session = Session(
+                self.hub, self.replays, actor, send, receive, after, label, who.author, prebuilt
+            )
             session.outbox.events_only = not presence
             await session.serve()
         finally:
@@ -151,6 +156,7 @@ class Session:
     def __init__(
         self,
         hub: ConversationHub,
+        replays: ReplayReader,
         actor: ConversationRef,
         send: Any,
         receive: Any,
@@ -161,6 +167,7 @@ class Session:
     ) -> None:
         settings = hub.settings
         self.hub = hub
+        self.replays = replays
         self.cid = actor.conversation_id
         self.send = send
         self.receive = receive
@@ -174,8 +181,8 @@ class Session:
         self.close_code: int | None = None
         self._closing: asyncio.Task[None] | None = None
         self.outbox.on_overflow = self._overflowed
+        self._prebuilt = prebuilt
         if prebuilt is not None:
-            self._prebuilt = prebuilt
             self.outbox.direct = self._direct
 
     async def serve(self) -> None:
@@ -189,15 +196,8 @@ class Session:
         hub.dashboard.clients_changed(self.cid)
         hub.presence.join(self.cid, self.session_id, self.author, self.label, self.outbox)
         self.outbox.floor = max(head, self.after or 0)
-        ready = Ready(
-            conversation_id=self.cid,
-            session_id=self.session_id,
-            head=head,
-            active_run=actor.summary(),
-            queued_runs=actor.queued_runs,
-        )
         metrics.connections.labels("conversation").inc()
-        await self.send({"type": "websocket.send", "text": encode(ready).decode()})
+        await self.send({"type": "websocket.send", "text": self._ready(actor, head)})
         writer = asyncio.create_task(self._write(head))
         try:
             await self._read()
@@ -211,10 +211,22 @@ class Session:
             if self._closing is not None:
                 await self._closing
 
+    def _ready(self, actor: ConversationRef, head: int) -> str:
+        """The `ready` frame (built here: no model of it outlives the connection's start)."""
+        ready = Ready(
+            conversation_id=self.cid,
+            session_id=self.session_id,
+            head=head,
+            active_run=actor.summary(),
+            queued_runs=actor.queued_runs,
+        )
+        return encode(ready).decode()
+
     # ------------------------------------------------------------------ writer
 
     def _direct(self, frame: Frame) -> bool:
         """The outbox's fast path: the shared frame straight onto the socket."""
+        assert self._prebuilt is not None
         if not self._prebuilt(frame.framed()):
             return False
         if frame.born:
@@ -247,15 +259,14 @@ class Session:
         self._closing = asyncio.create_task(self._close(CloseCode.SLOW_CONSUMER, "slow_consumer"))
 
     async def _replay(self, after: int, head: int) -> None:
-        store = self.hub.store
-        offset = after
-        while offset < head:
-            payloads = await store.read_events(self.cid, offset, min(REPLAY_PAGE, head - offset))
-            if not payloads:
-                break
-            for text in payloads:
+        """`(after, head]` from the store, read once for every client catching up with it."""
+        prebuilt = self._prebuilt
+        async for page, start, end in self.replays.pages(self.cid, after, head):
+            # the page's frames in one write when the socket takes them now; else one by one
+            if prebuilt is not None and prebuilt(page.framed(start, end)):
+                continue
+            for text in page.texts[start:end]:
                 await self.send({"type": "websocket.send", "text": text})
-            offset += len(payloads)
 
     async def _close(self, code: int, reason: str) -> None:
         if self.close_code is None:

@@ -34,8 +34,10 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 from websockets.http11 import Request
 from websockets.protocol import State
+from websockets.server import ServerProtocol
 
 from gateway.config import Settings
 from gateway.protocol.codes import CloseCode
@@ -58,15 +60,95 @@ def text_frame(payload: bytes) -> bytes:
     return header + payload
 
 
+class Inbox:
+    """uvicorn's receive queue (an asyncio.Queue there: three deques, ~2.4 KiB per
+    connection), as small as it can be: one reader, and few items (uvicorn stops reading
+    the socket while the app has not taken what came)."""
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: list[Any] = []
+        self._waiter: asyncio.Future[None] | None = None
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def put_nowait(self, item: Any) -> None:
+        self._items.append(item)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def get(self) -> Any:
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.pop(0)
+
+
+class Flag:
+    """uvicorn's `writable` (an asyncio.Event there, with a deque of waiters)."""
+
+    __slots__ = ("_set", "_waiters")
+
+    def __init__(self) -> None:
+        self._set = True
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        self._set = True
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def clear(self) -> None:
+        self._set = False
+
+    async def wait(self) -> None:
+        if self._set:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        await waiter
+
+
 class SteerwayWebSocketProtocol(WebSocketsSansIOProtocol):
+    # permessage-deflate's window bits and zlib memLevel (uvicorn's own: 12 and 5);
+    # `connection_options` makes a subclass with the settings' values
+    deflate_window_bits = 12
+    deflate_mem_level = 5
+
     def __init__(self, config: Config, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, *args, **kwargs)
+        if config.ws_per_message_deflate:
+            bits = self.deflate_window_bits
+            deflate = ServerPerMessageDeflateFactory(
+                server_max_window_bits=bits,
+                client_max_window_bits=bits,
+                compress_settings={"memLevel": self.deflate_mem_level},
+            )
+            self.conn = ServerProtocol(
+                extensions=[deflate], max_size=config.ws_max_size, logger=self.conn.logger
+            )
         # the time a peer has to answer, a ping or a close alike
         self.close_timeout = config.ws_ping_timeout or self.close_timeout
         self.shutdown_deferred: asyncio.Event | None = None
+        # lighter per-connection state than uvicorn's (an idle connection's memory)
+        self.queue = Inbox()  # type: ignore[assignment]
+        self.writable = Flag()  # type: ignore[assignment]
 
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)
+        # The request's headers (~3 KiB) outlive the handshake in uvicorn's `request` and in
+        # websockets' parser; the scope has its own copy and nothing reads them again.
+        event.headers.clear()
         scope: dict[str, Any] | None = getattr(self, "scope", None)
         if scope is not None and scope["path"] == RUNNERS_PATH:
             # A runner's result may be up to 1 MiB and is truncated beyond (section 10),
@@ -106,6 +188,8 @@ class SteerwayWebSocketProtocol(WebSocketsSansIOProtocol):
             self._close(message.get("code", CloseCode.NORMAL), message.get("reason") or "")
             return
         await super().send(message)
+        if message["type"] == "websocket.accept":
+            self.response.headers.clear()  # sent; uvicorn keeps the response: ~1 KiB
 
     def shutdown(self) -> None:
         if not self.handshake_complete or self.close_sent or self.disconnected:
@@ -162,8 +246,16 @@ class SteerwayHttpToolsProtocol(HttpToolsProtocol):
 def connection_options(settings: Settings) -> dict[str, Any]:
     """uvicorn's options for WebSocket and HTTP connections as the settings want them:
     the same in `steerway serve` and in the tests (which choose their HTTP protocol)."""
+    protocol = type(
+        "SteerwayWebSocketProtocol",
+        (SteerwayWebSocketProtocol,),
+        {
+            "deflate_window_bits": settings.ws_deflate_window_bits,
+            "deflate_mem_level": settings.ws_deflate_mem_level,
+        },
+    )
     return {
-        "ws": SteerwayWebSocketProtocol,
+        "ws": protocol,
         "ws_max_size": settings.max_frame_bytes,
         "ws_per_message_deflate": settings.ws_compression,
         "ws_ping_interval": settings.ws_ping_interval_s,

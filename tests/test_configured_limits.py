@@ -108,13 +108,20 @@ async def test_the_rate_limit_follows_the_settings() -> None:
 async def test_connections_per_conversation_and_per_process_are_capped_with_1013() -> None:
     async with run_gateway(**SMALL) as gw:
         slots = gw.app.state.connections
-        async with gw.connect("c1") as a1, gw.connect("c1"):
+        async with gw.connect("c1") as a1, gw.connect("c1") as a2:
             async with gw.connect("c1", ready=False) as third:
                 assert await closed_with(third) == (1013, "too_many_connections")
-            async with gw.connect("c2"), gw.connect("c2"):
+            async with gw.connect("c2") as b1, gw.connect("c2") as b2:
                 async with gw.connect("c3", ready=False) as fifth:
                     assert await closed_with(fifth) == (1013, "too_many_connections")
-                await still_works(a1, "served")
+                # at the limit, every connected client is still served: pings, and a
+                # message acked and answered to both clients of its conversation
+                for i, client in enumerate((a1, a2, b1, b2)):
+                    await still_works(client, f"served-{i}")
+                await b1.message("full", "limit-1")
+                ack = await expect(b1, "ack", client_msg_id="limit-1")
+                for client in (b1, b2):
+                    await expect(client, "run.ended", run_id=ack["run_id"])
             await settled(gw, lambda: slots.total == 2)  # c2's two have ended
             async with gw.connect("c3") as again:
                 await still_works(again, "room again")

@@ -8,7 +8,11 @@ import re
 from typing import Any
 
 import orjson
+import pytest
+import websockets
 
+from gateway.config import Settings
+from gateway.errors import ConfigError
 from store.base import WriteBatch
 from store.memory import MemoryStore
 from tests.conftest import Client, Gateway, run_gateway
@@ -329,3 +333,31 @@ async def test_no_after_means_no_replay(gw: Gateway) -> None:
         ack = await ack_of(c, "m2")
         await expect(c, "run.ended", run_id=ack["run_id"])
         assert offsets(c) == list(range(8, 15))
+
+
+async def test_permessage_deflate_uses_the_configured_window_and_memory_level() -> None:
+    """STEERWAY_WS_DEFLATE_WINDOW_BITS / _MEM_LEVEL (issue 13, item 1): the server asks for
+    its window in the handshake, limits the client's, and frames flow compressed both ways."""
+    async with run_gateway(ws_compression=True, ws_deflate_window_bits=10) as gw:
+        async with websockets.connect(gw.ws_url("deflate"), compression="deflate") as ws:
+            agreed = ws.response.headers["Sec-WebSocket-Extensions"]
+            assert "server_max_window_bits=10" in agreed
+            assert "client_max_window_bits=10" in agreed
+            client = Client(ws)
+            assert (await client.recv())["type"] == "ready"
+            await client.message("x" * 2000, "big")
+            ack = await ack_of(client, "big")
+            await expect(client, "run.ended", run_id=ack["run_id"])
+        protocol = gw.server.config.ws_protocol_class
+        assert protocol.deflate_mem_level == 2  # the default
+
+
+def test_deflate_settings_out_of_zlib_range_are_refused() -> None:
+    for bad in ({"ws_deflate_window_bits": 8}, {"ws_deflate_window_bits": 16}):
+        with pytest.raises(ConfigError):
+            Settings.load(bad, environ={})
+    with pytest.raises(ConfigError):
+        Settings.load({}, environ={"STEERWAY_WS_DEFLATE_MEM_LEVEL": "10"})
+    assert (
+        Settings.load({}, environ={"STEERWAY_WS_DEFLATE_MEM_LEVEL": "9"}).ws_deflate_mem_level == 9
+    )

@@ -93,6 +93,7 @@ async def test_metrics_move_with_connections_events_runs_and_deliveries() -> Non
             "steerway_client_errors": "counter",
             "steerway_slow_consumer_closes": "counter",
             "steerway_store_batches": "gauge",
+            "steerway_replay_store_reads": "gauge",
         }
         assert first.by_label(EVENTS, "type") == {}
         assert first.get(f"{DELIVERY}_count") == 0
