@@ -9,6 +9,7 @@ writing a batch again after a failure stores nothing twice.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -152,8 +153,12 @@ class WriteBatch:
     # store refuses the whole batch (StoreConflict) when a later epoch was claimed.
     fences: dict[str, int] = field(default_factory=dict)
     deliveries: list[DeliveryRecord] = field(default_factory=list)  # webhooks
+    # time.monotonic() when the oldest batch merged into this one was made: a store may
+    # rely on a fence it read a moment ago only for a batch made a moment ago
+    made: float = field(default_factory=time.monotonic)
 
     def extend(self, other: WriteBatch) -> None:
+        self.made = min(self.made, other.made)
         self.events.extend(other.events)
         self.deliveries.extend(other.deliveries)
         self.runs.extend(other.runs)

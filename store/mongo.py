@@ -57,6 +57,13 @@ DUPLICATE_KEY = 11000
 PACK_EVENTS = 256
 PACK_BYTES = 1024 * 1024  # characters: well inside MongoDB's 16 MiB document limit
 NAMESPACE_EXISTS = 48
+# A conversation's fence read is relied on for this long, for batches made within it.
+# A writer stops writing on its own a fifth of its liveness time (at least 100 ms: the
+# lease is at least 1 s, liveness half of it) before another node can claim the
+# conversation (gateway/cluster/leases.py, SAFETY), so no claim can fall between a
+# read this recent and the write of a batch this recent; the unique offset index
+# stays the last fence. At 100 batches/s of one conversation, 4 reads in 5 are saved.
+FENCE_FRESH_S = 0.05
 LIVE = ["queued", "running"]
 RUN_EXTRAS = {"_id": 0, "heartbeat": 0}  # stored on a run, not part of it
 
@@ -212,6 +219,7 @@ class MongoStore:
         self._conversations: AsyncCollection[Document] = self.db["conversations"]
         self._transcripts: AsyncCollection[Document] = self.db["transcripts"]
         self._fences: AsyncCollection[Document] = self.db["fences"]
+        self._fenced: dict[str, tuple[int, float]] = {}  # conversation -> (epoch, read at)
         self._deliveries: AsyncCollection[Document] = self.db["deliveries"]
 
     @classmethod
@@ -276,23 +284,42 @@ class MongoStore:
             raise StoreError(f"mongodb claim: no fence document for {conversation_id}")
         return int(doc["epoch"])
 
-    async def _check_fences(self, fences: dict[str, int]) -> None:
-        """One read for the whole batch. A writer that passes it and is then paused
-        may still insert after a newer writer claimed: the unique offset index is the
-        last fence (a conflicting event at the same offset)."""
+    async def _check_fences(self, fences: dict[str, int], made: float) -> None:
+        """One read for the batch's conversations whose fence was not read a moment ago
+        (FENCE_FRESH_S). A writer that passes it and is then paused may still insert
+        after a newer writer claimed: the unique offset index is the last fence (a
+        conflicting event at the same offset)."""
+        now = time.monotonic()
+        stale = [
+            cid
+            for cid, epoch in fences.items()
+            if not (
+                now - made < FENCE_FRESH_S
+                and (seen := self._fenced.get(cid)) is not None
+                and seen[0] == epoch
+                and now - seen[1] < FENCE_FRESH_S
+            )
+        ]
+        if not stale:
+            return
         with _errors("read fences"):
-            cursor = self._fences.find({"_id": {"$in": list(fences)}}, {"epoch": 1})
+            cursor = self._fences.find({"_id": {"$in": stale}}, {"epoch": 1})
             async for doc in cursor:
                 if int(doc["epoch"]) > fences[doc["_id"]]:
                     cid = doc["_id"]
+                    self._fenced.pop(cid, None)
                     raise StoreConflict(cid, f"{cid}: fenced, epoch {fences[cid]} is stale")
+        if len(self._fenced) > 10_000:  # only the recent ones are of use
+            self._fenced = {c: v for c, v in self._fenced.items() if now - v[1] < FENCE_FRESH_S}
+        for cid in stale:
+            self._fenced[cid] = (fences[cid], now)
 
     async def write(self, batch: WriteBatch) -> None:
         """Events, then webhook deliveries, then runs, then conversations, then
         transcripts: a reader that sees a run or a head also finds the events (and the
         deliveries) behind it."""
         if batch.fences:
-            await self._check_fences(batch.fences)
+            await self._check_fences(batch.fences, batch.made)
         if batch.events:
             await self._insert_events(pack(batch.events))
         if batch.deliveries:  # before the runs: see docs/webhooks.md, "Durability"

@@ -476,6 +476,21 @@ async def test_fences_refuse_a_writer_whose_epoch_is_stale(store: Store) -> None
     assert await store.last_offset("c3") == 1
 
 
+async def test_a_fence_read_a_moment_ago_is_not_relied_on_for_an_old_batch(
+    store: Store,
+) -> None:
+    """A store may skip re-reading a fence it read a moment ago, but only for a batch made
+    a moment ago: a batch that waited is checked against the fence as it is now."""
+    assert await store.claim("c1") == 1
+    await store.write(WriteBatch(events=[event("c1", 1)], fences={"c1": 1}))
+    assert await store.claim("c1") == 2  # another node took the conversation over
+    waited = WriteBatch(events=[event("c1", 2)], fences={"c1": 1})
+    waited.made -= 1.0  # it waited a second in the writer's queue
+    with pytest.raises(StoreConflict):
+        await store.write(waited)
+    assert await store.last_offset("c1") == 1
+
+
 async def test_client_msg_id(store: Store) -> None:
     # without a key, any number of events (the sparse index skips them)
     plain = [event("c1", n) for n in range(1, 6)]

@@ -77,6 +77,8 @@ class RedisBus:
         self.node = node
         self._on_node_message = on_node_message
         self._local = MemoryBus()  # this node's subscribers
+        self._own = orjson.dumps({"n": node})[:-1] + b","  # how this node's messages start
+        self._node_channel = node_channel(node)
         self.on_broadcast: Callable[[str, list[Frame]], None] | None = None
         self._channels: dict[str, _Channel] = {}
         self._outgoing: asyncio.Queue[tuple[bytes, bytes]] = asyncio.Queue(PUBLISH_QUEUE)
@@ -377,13 +379,13 @@ class RedisBus:
             return
         data = message.get("data")
         assert isinstance(data, bytes)
-        if channel == node_channel(self.node):
+        if channel == self._node_channel:
             self._on_node_message(data)
             return
+        if data.startswith(self._own):
+            return  # delivered here when it was published
         header, _, body = data.partition(b"\n")
         meta = orjson.loads(header)
-        if meta.get("n") == self.node:
-            return
         cid = channel.decode()[len(PREFIX) + 2 :]
         if "b" in meta:  # ephemeral: no offset, nothing to order or fill
             frames = [Frame.of(text) for text in body.split(b"\n")]
