@@ -94,7 +94,10 @@ def token(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-class _Server(uvicorn.Server):
+class Server(uvicorn.Server):
+    """uvicorn's server, returning normally after a SIGTERM/SIGINT shutdown (also used
+    by examples/agui_agent.py, which then stops the gateway it started)."""
+
     async def _serve(self, sockets: list[socket.socket] | None = None) -> None:
         await super()._serve(sockets)
         # uvicorn re-raises a caught SIGTERM/SIGINT once it has shut down, which would
@@ -124,7 +127,7 @@ async def run_server(settings: Settings, runners: RunnerRegistry | None = None) 
         # collector's way (full collections of it cost 25-45 ms pauses under load).
         gc.collect()
         gc.freeze()
-        await _Server(config).serve()
+        await Server(config).serve()
 
 
 def serve(settings: Settings, runners: RunnerRegistry) -> None:

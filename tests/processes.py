@@ -80,6 +80,12 @@ async def spawn_gateway(
         stdout=subprocess.DEVNULL,
         cwd=cwd,
     )
+    return await serving(proc)
+
+
+async def serving(proc: asyncio.subprocess.Process) -> GatewayProcess:
+    """`proc` (its stderr piped) once the gateway in it logged the port it serves on;
+    killed if that does not come within STARTUP."""
     assert proc.stderr is not None
     lines: list[str] = []
     try:

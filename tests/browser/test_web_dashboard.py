@@ -1,7 +1,8 @@
 """The runs dashboard in Chromium (issue 5, items 4 and 7; issue 11, item 2): a live
 table of runs with filters and a cancel action, clients per conversation, live charts
-(active runs: the most at once in each second), one run's events, and a reconnect that
-starts again from a fresh snapshot."""
+(active runs: the most at once in each second), one run's events, its tool calls and
+latest state (folded, as in the chat), and a reconnect that starts again from a fresh
+snapshot."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 from playwright.sync_api import BrowserContext, Locator, Page, WebSocketRoute, expect
 
 from tests.browser.conftest import Chat, LiveGateway, screenshot
-from tests.helpers import Gated
+from tests.helpers import Fed, Gated, completed, run_completed
 
 pytestmark = pytest.mark.browser
 
@@ -144,6 +145,78 @@ def test_open_a_run_to_see_its_events_live(serve, page: Page) -> None:
         ["user.message", "run.started", "message.delta", "message.completed", "run.ended"]
     )
     expect(detail.locator("dd").first).to_have_text("completed (stop)")
+    page.keyboard.press("Escape")
+    expect(detail).to_be_hidden()
+
+
+def test_a_runs_tool_calls_and_latest_state_show_folded_in_its_detail(serve, page: Page) -> None:
+    """Issue 14, item 4: the run's detail shows each tool call (name, arguments, result
+    or error) and the latest value of each state key, folded by default as in the chat."""
+    fed = Fed()
+    live = serve(runners=[fed], runner="fed")
+    open_dashboard(page, live)
+    run_id = post(live, "tools", client_msg_id="m1", text="use tools")["run_id"]
+    row(page, run_id).get_by_role("button", name=f"Open run {run_id}").click()
+    detail = page.get_by_role("dialog", name=f"Run {run_id}")
+    expect(detail).to_be_visible()
+    section = detail.get_by_role("region", name="Tool calls and state")
+    expect(section).to_be_hidden()  # nothing to show yet
+
+    def state(n: int) -> dict[str, Any]:
+        data = {"scope": "runner", "key": "state", "value": {"n": n}}
+        return {"type": "state.updated", "data": data}
+
+    add = {"tool_call_id": "c1", "name": "add", "arguments": {"a": 1, "b": 2}}
+    divide = {"tool_call_id": "c2", "name": "divide", "arguments": {"a": 1, "b": 0}}
+    live.call(
+        fed.put,
+        {"type": "tool.call.started", "data": add},
+        state(1),
+        {"type": "tool.call.started", "data": divide},
+    )
+    tools = section.locator("details.tool")
+    expect(tools.locator("summary")).to_have_text(["Tool add: running…", "Tool divide: running…"])
+    values = section.locator("details.state")
+    expect(values.locator("summary")).to_have_text(["State runner.state"])
+    expect(values.locator(".tool-io")).to_have_text('{\n  "n": 1\n}')
+
+    live.call(
+        fed.put,
+        {
+            "type": "tool.call.completed",
+            "data": {"tool_call_id": "c1", "name": "add", "result": 3},
+        },
+        state(2),
+        {
+            "type": "tool.call.completed",
+            "data": {"tool_call_id": "c2", "name": "divide", "error": "division by zero"},
+        },
+        completed("done"),
+        run_completed(),
+    )
+    expect(detail.locator("dd").first).to_have_text("completed (stop)")
+    expect(tools.locator("summary")).to_have_text(["Tool add: done", "Tool divide: failed"])
+    expect(values).to_have_count(1)  # one entry per key: the latest value, updated in place
+    for entry in [*tools.all(), values]:
+        expect(entry).not_to_have_attribute("open", re.compile(".*"))  # folded by default
+        expect(entry.locator(".tool-io")).to_be_hidden()
+
+    tools.first.locator("summary").click()
+    expect(tools.first.locator(".tool-io")).to_be_visible()
+    expect(tools.first.locator(".tool-io")).to_have_text(
+        '{\n  "arguments": {\n    "a": 1,\n    "b": 2\n  },\n  "result": 3\n}'
+    )
+    tools.last.locator("summary").click()
+    expect(tools.last.locator(".tool-io")).to_contain_text('"error": "division by zero"')
+    expect(tools.last.locator(".tool-io")).to_contain_text('"b": 0')
+    values.locator("summary").click()
+    expect(values.locator(".tool-io")).to_be_visible()
+    expect(values.locator(".tool-io")).to_have_text('{\n  "n": 2\n}')
+    # the event list still has every event, in order, with its one-line summary
+    events = detail.locator("#detail-events li")
+    expect(events.filter(has_text="tool.call.completed")).to_have_text(
+        [re.compile(r"add → 3$"), re.compile(r'divide failed: "division by zero"$')]
+    )
     page.keyboard.press("Escape")
     expect(detail).to_be_hidden()
 

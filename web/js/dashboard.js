@@ -7,7 +7,7 @@
 // chart shows, for each second, the most that were running at once in it.
 
 import { PeakPerSecond, Sparkline } from "./charts.js";
-import { Alert, ConnectionBanner, api, byId, duration, h, perFrame, plain, replace } from "./page.js";
+import { Alert, ConnectionBanner, api, byId, drawState, drawTool, duration, folded, h, perFrame, plain, replace } from "./page.js";
 import { LiveSocket } from "./socket.js";
 
 const MAX_ROWS = 500;
@@ -33,6 +33,8 @@ const ui = {
   detailFields: byId("detail-fields"),
   detailEvents: byId("detail-events"),
   detailCount: byId("detail-count"),
+  detailFolded: byId("detail-folded"),
+  detailTools: byId("detail-tools"),
 };
 
 const state = {
@@ -48,7 +50,7 @@ const state = {
   peaks: new PeakPerSecond(Date.now()), // of `running`, per second
   rows: new Map(), // run_id -> <tr>
   conversationRows: new Map(),
-  detail: null, // {runId, after, count, loading, again}
+  detail: null, // {runId, after, count, folded, loading, again}
 };
 
 const alertLine = new Alert();
@@ -278,8 +280,10 @@ function showDetail(runId) {
   const run = state.runs.get(runId);
   if (!run) return;
   if (!state.detail || state.detail.runId !== runId) {
-    state.detail = { runId, after: 0, count: 0, loading: false, again: false };
+    state.detail = { runId, after: 0, count: 0, folded: new Map(), loading: false, again: false };
     replace(ui.detailEvents);
+    replace(ui.detailTools);
+    ui.detailFolded.hidden = true;
     ui.detailCount.textContent = "";
   }
   ui.detailHeading.textContent = `Run ${run.run_id}`;
@@ -317,7 +321,9 @@ async function loadEvents() {
       if (state.detail !== detail) return;
       for (const e of data.events) {
         detail.after = e.offset;
-        if (!concerns(e, detail.runId) || detail.count >= MAX_DETAIL_EVENTS) continue;
+        if (!concerns(e, detail.runId)) continue;
+        if (FOLDED.has(e.type)) fold(detail, e);
+        if (detail.count >= MAX_DETAIL_EVENTS) continue;
         detail.count += 1;
         ui.detailEvents.append(h("li", { dataset: { type: e.type } },
           h("span", { class: "offset mono" }, `#${e.offset}`), " ",
@@ -335,6 +341,32 @@ async function loadEvents() {
   if (detail.again && state.detail === detail) {
     detail.again = false;
     loadEvents();
+  }
+}
+
+const FOLDED = new Set(["tool.call.started", "tool.call.completed", "state.updated"]);
+
+/** The run's tool calls and the latest value of each state key, as folded entries
+ * drawn as the chat draws them (one per call, one per key, updated in place). */
+function fold(detail, e) {
+  const isState = e.type === "state.updated";
+  const key = isState ? `s:${e.scope}.${e.key}` : `t:${e.tool_call_id}`;
+  let entry = detail.folded.get(key);
+  if (!entry) {
+    if (detail.folded.size >= MAX_DETAIL_EVENTS) return;
+    entry = { item: { name: isState ? `${e.scope}.${e.key}` : e.name, done: false }, node: folded(isState ? "state" : "tool") };
+    detail.folded.set(key, entry);
+    ui.detailTools.append(entry.node);
+    ui.detailFolded.hidden = false;
+  }
+  const { item, node } = entry;
+  if (isState) {
+    item.value = e.value;
+    drawState(node, item);
+  } else {
+    if (e.type === "tool.call.started") item.args = e.arguments;
+    else Object.assign(item, { done: true, result: e.result, error: e.error });
+    drawTool(node, item);
   }
 }
 

@@ -2,7 +2,7 @@
 // that changed, and keeps the view pinned to the bottom while the person is there.
 
 import { renderMarkdown } from "./markdown.js";
-import { h, replace } from "./page.js";
+import { drawState, drawTool, folded, h, replace } from "./page.js";
 
 const ROUTE_LABELS = {
   queue: "Queued: runs after the current run",
@@ -53,8 +53,8 @@ export class MessageList {
     }
     if (item.kind === "user") this.drawUser(node, item, timeline);
     else if (item.kind === "assistant") this.drawAssistant(node, item);
-    else if (item.kind === "tool") this.drawTool(node, item);
-    else if (item.kind === "state") this.drawState(node, item);
+    else if (item.kind === "tool") drawTool(node, item);
+    else if (item.kind === "state") drawState(node, item);
     else if (fresh) node.textContent = item.text;
   }
 
@@ -70,9 +70,7 @@ export class MessageList {
       return h("article", { class: "msg assistant", "aria-label": "Agent's message", "aria-live": "polite" },
         h("div", { class: "content markdown" }));
     }
-    if (item.kind === "tool" || item.kind === "state") {
-      return h("details", { class: item.kind }, h("summary"), h("pre", { class: "tool-io" }));
-    }
+    if (item.kind === "tool" || item.kind === "state") return folded(item.kind);
     return h("p", { class: `notice pill status-${item.status}`, role: "note" });
   }
 
@@ -112,20 +110,6 @@ export class MessageList {
     node.dataset.messageId = item.key.slice(2);
     node.classList.toggle("streaming", !item.done);
     replace(node.querySelector(".content"), renderMarkdown(item.text));
-  }
-
-  drawTool(node, item) {
-    const state = item.done ? (item.error !== undefined && item.error !== null ? "failed" : "done") : "running…";
-    node.querySelector("summary").textContent = `Tool ${item.name}: ${state}`;
-    const io = { arguments: item.args };
-    if (item.done) io[item.error !== undefined && item.error !== null ? "error" : "result"] = item.error ?? item.result;
-    node.querySelector(".tool-io").textContent = JSON.stringify(io, null, 2);
-  }
-
-  /** The latest value of one state key, folded like a tool call. */
-  drawState(node, item) {
-    node.querySelector("summary").textContent = `State ${item.name}`;
-    node.querySelector(".tool-io").textContent = JSON.stringify(item.value, null, 2);
   }
 }
 

@@ -1,5 +1,5 @@
-// What both pages share: DOM helpers, REST calls, every error in plain words, the
-// offline banner and the alert line.
+// What both pages share: DOM helpers, folded tool calls and state, REST calls, every
+// error in plain words, the offline banner and the alert line.
 //
 // Text always goes into the page as text nodes (never as HTML), so nothing a
 // message or a run document holds can become markup. The gateway's error codes
@@ -49,6 +49,30 @@ export function byId(id) {
   const el = document.getElementById(id);
   if (!el) throw new Error(`the page has no #${id}`);
   return el;
+}
+
+// A run's tool calls and state values are folded entries on both pages (the chat's
+// message list, the dashboard's run detail): closed until opened, so a long result does
+// not push the conversation away.
+
+/** An empty folded entry of `kind` ("tool" or "state"): a summary and its JSON. */
+export function folded(kind) {
+  return h("details", { class: `${kind} folded` }, h("summary"), h("pre", { class: "tool-io" }));
+}
+
+/** A tool call {name, args, done, result, error}: `Tool <name>: running… | done | failed`. */
+export function drawTool(node, item) {
+  const failed = item.error !== undefined && item.error !== null;
+  node.querySelector("summary").textContent = `Tool ${item.name}: ${item.done ? (failed ? "failed" : "done") : "running…"}`;
+  const io = { arguments: item.args };
+  if (item.done) io[failed ? "error" : "result"] = failed ? item.error : item.result;
+  node.querySelector(".tool-io").textContent = JSON.stringify(io, null, 2);
+}
+
+/** The latest value {name, value} of one state key (`scope.key`). */
+export function drawState(node, item) {
+  node.querySelector("summary").textContent = `State ${item.name}`;
+  node.querySelector(".tool-io").textContent = JSON.stringify(item.value, null, 2);
 }
 
 /** "3 s", "4 min 05 s", "2 h 10 min": a duration in milliseconds, for people. */
