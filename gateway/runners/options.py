@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.errors import ConfigError
+from gateway.sections import named_sections, validated
 
 ENV_PREFIX = "STEERWAY_RUNNERS__"
 COMMON = ("supports_steering", "leftover_steering", "deadline_s", "idle_s")
@@ -61,44 +60,10 @@ def load_options(
     """Every configured runner's options, by name; raises ConfigError on a bad file (naming
     it as `setting`), variable or value."""
     env = os.environ if environ is None else environ
-    sections: dict[str, dict[str, Any]] = {}
-    if path:
-        try:
-            with open(path, "rb") as fh:
-                doc = tomllib.load(fh)
-        except OSError as exc:
-            raise ConfigError((setting, f"cannot read {str(path)!r}: {exc.strerror}")) from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError((setting, f"{str(path)!r} is not TOML: {exc}")) from None
-        runners = doc.get("runners", {})
-        unknown = set(doc) - {"runners"}
-        if unknown or not isinstance(runners, dict):
-            raise ConfigError((setting, f"{str(path)!r}: expected only [runners.<name>] tables"))
-        for name, table in runners.items():
-            if not isinstance(table, dict):
-                raise ConfigError((setting, f"{str(path)!r}: [runners.{name}] must be a table"))
-            sections[name] = dict(table)
-    by_key = {env_key(name): name for name in sections}
-    for key, value in env.items():
-        if not key.startswith(ENV_PREFIX):
-            continue
-        runner_key, sep, option = key[len(ENV_PREFIX) :].partition("__")
-        if not sep or not runner_key or not option:
-            raise ConfigError((key, f"expected {ENV_PREFIX}<NAME>__<OPTION>"))
-        name = by_key.setdefault(runner_key, runner_key.lower())
-        sections.setdefault(name, {})[option.lower()] = value
-    out: dict[str, RunnerOptions] = {}
-    for name, table in sections.items():
-        try:
-            out[name] = RunnerOptions.model_validate(table)
-        except ValidationError as exc:
-            raise ConfigError(
-                *(
-                    (f"[runners.{name}] {'.'.join(str(p) for p in error['loc'])}", error["msg"])
-                    for error in exc.errors(include_url=False)
-                )
-            ) from None
-    return out
+    sections = named_sections("runners", path, setting, env, ENV_PREFIX, env_key)
+    return {
+        name: validated("runners", name, RunnerOptions, table) for name, table in sections.items()
+    }
 
 
 def apply_common(runner: Any, options: RunnerOptions | None) -> None:

@@ -15,14 +15,13 @@ import base64
 import binascii
 import os
 import re
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from gateway.errors import ConfigError
+from gateway.sections import named_sections, validated
 
 ENV_PREFIX = "STEERWAY_WEBHOOKS__"
 CREATED = "conversation.created"
@@ -105,43 +104,17 @@ def load_endpoints(
     """Every configured endpoint, by name; raises ConfigError on a bad file (naming it as
     `setting`), variable or value."""
     env = os.environ if environ is None else environ
-    sections: dict[str, dict[str, Any]] = {}
-    if path:
-        try:
-            with open(path, "rb") as fh:
-                doc = tomllib.load(fh)
-        except OSError as exc:
-            raise ConfigError((setting, f"cannot read {str(path)!r}: {exc.strerror}")) from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError((setting, f"{str(path)!r} is not TOML: {exc}")) from None
-        hooks = doc.get("webhooks", {})
-        if set(doc) - {"webhooks"} or not isinstance(hooks, dict):
-            raise ConfigError((setting, f"{str(path)!r}: expected only [webhooks.<name>] tables"))
-        for name, table in hooks.items():
-            if not isinstance(table, dict):
-                raise ConfigError((setting, f"{str(path)!r}: [webhooks.{name}] must be a table"))
-            sections[name] = dict(table)
-    by_key = {_env_key(name): name for name in sections}
-    for key, value in env.items():
-        if not key.startswith(ENV_PREFIX):
-            continue
-        name_key, sep, option = key[len(ENV_PREFIX) :].partition("__")
-        if not sep or not name_key or option.lower() not in ("url", "secret", "events"):
-            raise ConfigError((key, f"expected {ENV_PREFIX}<NAME>__URL, __SECRET or __EVENTS"))
-        name = by_key.setdefault(name_key, name_key.lower())
-        sections.setdefault(name, {})[option.lower()] = value
-    out: list[Endpoint] = []
-    for name, table in sections.items():
-        try:
-            out.append(Endpoint.model_validate({**table, "name": name}))
-        except ValidationError as exc:
-            raise ConfigError(
-                *(
-                    (
-                        f"[webhooks.{name}] {'.'.join(str(p) for p in error['loc'])}",
-                        error["msg"].removeprefix("Value error, "),
-                    )
-                    for error in exc.errors(include_url=False)
-                )
-            ) from None
-    return out
+    sections = named_sections(
+        "webhooks",
+        path,
+        setting,
+        env,
+        ENV_PREFIX,
+        _env_key,
+        option_ok=lambda option: option in ("url", "secret", "events"),
+        expected="URL, __SECRET or __EVENTS",
+    )
+    return [
+        validated("webhooks", name, Endpoint, {**table, "name": name})
+        for name, table in sections.items()
+    ]
