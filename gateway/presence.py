@@ -126,14 +126,19 @@ class PresenceBoard:
             del self._rooms[cid]
         self._on_change(cid)
 
-    def set_state(self, cid: str, session_id: str, state: PresenceState) -> None:
-        """The session said what it is doing (a `presence` frame)."""
+    def _stop_typing(self, cid: str, session_id: str) -> _Entry | None:
+        """The session's entry, its typing timer cancelled; None when it has none."""
         entry = self._rooms.get(cid, {}).get(session_id)
-        if entry is None:
-            return
-        if entry.typing is not None:
+        if entry is not None and entry.typing is not None:
             entry.typing.cancel()
             entry.typing = None
+        return entry
+
+    def set_state(self, cid: str, session_id: str, state: PresenceState) -> None:
+        """The session said what it is doing (a `presence` frame)."""
+        entry = self._stop_typing(cid, session_id)
+        if entry is None:
+            return
         if state == "typing":
             loop = asyncio.get_running_loop()
             entry.typing = loop.call_later(TYPING_S, self._lapse, cid, entry)
@@ -142,12 +147,9 @@ class PresenceBoard:
     def steered(self, cid: str, session_id: str) -> None:
         """The session's message started, steered or interrupted a run: it is the one
         steering now, and has stopped typing."""
-        entry = self._rooms.get(cid, {}).get(session_id)
+        entry = self._stop_typing(cid, session_id)
         if entry is None:
             return
-        if entry.typing is not None:
-            entry.typing.cancel()
-            entry.typing = None
         self._others_stop_steering(cid, entry)
         self._change(cid, entry, "watching", True)
 

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING
 from gateway.cluster.redisbus import RedisBus, node_channel
 from gateway.conversation import Cancel, ConversationActor, ConversationHub, Submit
 from gateway.errors import SteerwayError, StoreUnavailable
-from gateway.protocol.codes import ErrorCode
 from gateway.protocol.frames import (
     Ack,
     ErrorFrame,
@@ -261,7 +260,6 @@ class RemoteConversation:
 
 def _give_up(item: Submit | Cancel) -> None:
     error = StoreUnavailable("the node running this conversation did not answer; try again")
-    error.code = ErrorCode.INTERNAL
     if isinstance(item, Submit):
         error.client_msg_id = item.frame.client_msg_id
     item.reply(error)
