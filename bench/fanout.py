@@ -490,9 +490,13 @@ async def _stream(
     me = os.getpid()
     core0, steal0 = core_times(SERVER_CORE)
     parts0, mine0, t0 = server.cpu_parts(), proc_cpu_s(me), time.monotonic()
+    # Several conversations tick out of phase, evenly over one period. Absolute deadlines:
+    # uvloop's timers count whole milliseconds, and a relative sleep under 1 ms returns at
+    # once, which would start every run in the same millisecond (in phase).
+    spacing, loop = 1.0 / (rate * len(senders)), asyncio.get_running_loop()
+    first = loop.time()
     for i, (sender, trigger) in enumerate(zip(senders, triggers, strict=True)):
-        if i:  # several conversations tick out of phase, evenly over one period
-            await asyncio.sleep(1.0 / (rate * len(senders)))
+        await asyncio.sleep(max(0.0, first + i * spacing - loop.time()))
         sender.send(WSMsgType.TEXT, trigger)
     timed_out = 0.0
     try:
