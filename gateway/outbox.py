@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.protocol.frames import CoalescedDelta, MessageDelta, coalesce, encode
+from gateway.protocol.frames import CoalescedDelta, MessageDelta, coalesce, delta_of, encode
 from gateway.wsserver import text_frame
 
 
@@ -32,6 +32,8 @@ class Frame:
     offset: int = 0  # 0 for frames that are not events (ready, ack, error, pong)
     delta: MessageDelta | None = None  # set on message.delta, for merging
     born: float = 0.0  # perf_counter() of the runner result behind it; 0 when none
+    # a relayed event's text (cluster): `delta` is parsed only if a client lags
+    unparsed: bool = False
     message: dict[str, Any] = field(init=False)  # the ASGI send message, built once
     _framed: bytes | None = field(init=False, default=None)
 
@@ -41,6 +43,16 @@ class Frame:
     @classmethod
     def of(cls, data: bytes, offset: int = 0, delta: MessageDelta | None = None) -> Frame:
         return cls(data.decode(), len(data), offset, delta)
+
+    def message_delta(self) -> MessageDelta | None:
+        """The delta to merge (section 6), None for any other frame."""
+        if self.unparsed:
+            self.unparsed = False
+            try:
+                self.delta = delta_of(self.text)
+            except ValueError:  # pydantic's ValidationError too: a frame never merged
+                self.delta = None
+        return self.delta
 
     def framed(self) -> bytes:
         """The whole WebSocket frame, built on first use and shared by every client."""
@@ -121,7 +133,7 @@ class Outbox:
             # One frame alone is always taken, however large (a result of up to 1 MiB
             # makes an event a little over it): only a backlog overflows, and a merged
             # delta over the bound is one (else it would grow with the message, unbounded).
-            alone = len(q) == 1 and not isinstance(q[0].delta, CoalescedDelta)
+            alone = len(q) == 1 and not isinstance(q[0].message_delta(), CoalescedDelta)
             backlog = self._bytes > self.max_bytes and not alone
             if len(q) > self.max_frames or backlog:
                 self.overflowed = True
@@ -165,7 +177,7 @@ class Outbox:
             if len(run) == 1:
                 out.append(run[0])
             elif run:
-                parts = [f.delta for f in run if f.delta is not None]
+                parts = [d for f in run if (d := f.message_delta()) is not None]
                 merged = coalesce(parts[0], parts)
                 frame = Frame.of(encode(merged), merged.offset, merged)
                 frame.born = run[0].born
@@ -174,13 +186,9 @@ class Outbox:
             run.clear()
 
         for frame in q:
-            d = frame.delta
-            if (
-                d is not None
-                and run
-                and run[-1].delta is not None
-                and (run[-1].delta.message_id == d.message_id)
-            ):
+            d = frame.message_delta()
+            last = run[-1].delta if run else None  # parsed when it joined the run
+            if d is not None and last is not None and last.message_id == d.message_id:
                 run.append(frame)
                 continue
             flush()

@@ -141,6 +141,41 @@ async def test_deltas_of_one_message_merge_when_the_client_lags() -> None:
     assert merged.born == 1.0  # the oldest result behind it
 
 
+def relayed(frame: Frame) -> Frame:
+    """The same event as another node relays it (gateway/cluster/redisbus.py): text only."""
+    out = Frame.of(frame.text.encode(), frame.offset)
+    out.unparsed = True
+    return out
+
+
+async def test_relayed_deltas_are_parsed_only_to_merge_and_merge_alike() -> None:
+    box = Outbox(max_frames=2)
+    frames = [relayed(delta_frame(o, t)) for o, t in [(1, "a"), (2, "b"), (3, "c")]]
+    box.put(frames[0])
+    assert frames[0].delta is None and frames[0].unparsed  # a client that keeps up: no parse
+    box.put(frames[1])
+    box.put(frames[2])  # over the bound: merge
+    [merged] = await take(box, 1)
+    assert loads(merged)["delta"] == "abc"
+    assert loads(merged)["first_offset"] == 1
+    assert box.merged == 2
+
+
+async def test_a_relayed_frame_that_is_no_valid_delta_is_never_merged() -> None:
+    box = Outbox(max_frames=3)
+    bad = Frame.of(b'{"type":"message.delta","offset":2,"broken', 2)
+    bad.unparsed = True
+    later = [relayed(delta_frame(o, t)) for o, t in [(3, "c"), (4, "d")]]
+    for frame in (relayed(delta_frame(1, "a")), bad, *later):
+        box.put(frame)  # the fourth is over the bound: merge
+    assert bad.delta is None and not bad.unparsed
+    out = await take(box, 3)
+    assert [f.offset for f in out] == [1, 2, 4]  # kept as it came; only 3 and 4 merged
+    assert out[1] is bad
+    assert loads(out[2])["delta"] == "cd"
+    assert box.merged == 1
+
+
 async def test_merging_stops_at_other_frames_and_other_messages() -> None:
     box = Outbox(max_frames=6)
     box.deliver(

@@ -30,7 +30,6 @@ from redis.asyncio.client import PubSub
 from gateway.bus import MemoryBus, Subscriber
 from gateway.errors import StoreUnavailable
 from gateway.outbox import Frame
-from gateway.protocol.frames import delta_of
 from store.base import Store, StoreError
 
 log = logging.getLogger("steerway.cluster")
@@ -335,7 +334,7 @@ class RedisBus:
                 self.connected.set()
                 delay = 0.05
                 while True:
-                    message = await pubsub.get_message(timeout=1.0)
+                    message = await pubsub.get_message(timeout=None)
                     if message is None:
                         continue
                     try:
@@ -432,5 +431,5 @@ def _frame(text: str, offset: int) -> Frame:
 
 def _frame_bytes(data: bytes, offset: int) -> Frame:
     frame = Frame.of(data, offset)
-    frame.delta = delta_of(frame.text)
+    frame.unparsed = True  # most clients keep up: no delta is ever merged
     return frame
