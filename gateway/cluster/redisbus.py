@@ -26,6 +26,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
+from redis.asyncio.connection import AbstractConnection
 
 from gateway.bus import MemoryBus, Subscriber
 from gateway.errors import StoreUnavailable
@@ -40,6 +41,7 @@ PENDING = 256  # messages held while a gap is read; beyond, only their last offs
 FILL_PAGE = 500
 TICK_S = 1.0  # head ticks of the conversations that published in the last tick
 JOIN_TIMEOUT_S = 5.0
+SEND_TIMEOUT_S = 2.5  # a write to Redis that takes longer: the connection is made again
 
 
 def conversation_channel(conversation_id: str) -> bytes:
@@ -403,18 +405,37 @@ class RedisBus:
         self._incoming(cid, first, [_frame_bytes(t, first + i) for i, t in enumerate(texts)])
 
     async def _send(self) -> None:
-        while True:
-            items = [await self._outgoing.get()]
-            while not self._outgoing.empty() and len(items) < 256:
-                items.append(self._outgoing.get_nowait())
-            try:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for channel, data in items:
-                        pipe.publish(channel, data)
-                    await pipe.execute()
-            except Exception as exc:  # at most once: receivers fill gaps from the store
-                self.dropped += len(items)
-                log.debug("cluster bus: publish failed: %s", exc)
+        """Publish what is queued, in order, on a connection of its own whose replies are
+        off (CLIENT REPLY OFF): no reply comes back to wake this node per message, and
+        Redis writes none. A publish is at most once either way: receivers fill gaps."""
+        pool = self.redis.connection_pool
+        timeout = pool.connection_kwargs.get("socket_timeout") or SEND_TIMEOUT_S
+        conn: AbstractConnection | None = None
+        try:
+            while True:
+                items = [await self._outgoing.get()]
+                while not self._outgoing.empty() and len(items) < 256:
+                    items.append(self._outgoing.get_nowait())
+                try:
+                    async with asyncio.timeout(timeout):  # one timer, not redis-py's wait_for
+                        if conn is None:
+                            # socket_timeout None: redis-py would wrap each write in a task
+                            conn = pool.connection_class(
+                                **{**pool.connection_kwargs, "socket_timeout": None}
+                            )
+                            await conn.connect()  # type: ignore[no-untyped-call]
+                            await conn.send_command("CLIENT", "REPLY", "OFF", check_health=False)
+                        packed = conn.pack_commands([("PUBLISH", c, d) for c, d in items])
+                        await conn.send_packed_command(packed, check_health=False)
+                except Exception as exc:
+                    self.dropped += len(items)
+                    log.debug("cluster bus: publish failed: %s", exc)
+                    if conn is not None:
+                        await _disconnect(conn)
+                        conn = None
+        finally:
+            if conn is not None:
+                await _disconnect(conn)
 
     async def _tick(self) -> None:
         while True:
@@ -423,6 +444,11 @@ class RedisBus:
             for cid, head in recent.items():
                 header = orjson.dumps({"n": self.node, "h": head})
                 self.send(conversation_channel(cid), header)
+
+
+async def _disconnect(conn: AbstractConnection) -> None:
+    with contextlib.suppress(Exception):
+        await conn.disconnect()
 
 
 def _frame(text: str, offset: int) -> Frame:
