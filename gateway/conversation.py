@@ -101,6 +101,13 @@ class Shutdown:
 
 
 Input = Submit | Cancel | Recover | Shutdown | DriverInput
+
+
+class _Idle:
+    """Put in an empty mailbox by the idle watch: the actor looks whether it may stop."""
+
+
+IDLE = _Idle()
 Reply = tuple[Input, Callable[[], None]]  # an input and what answers it once its batch is stored
 
 
@@ -196,12 +203,16 @@ class ConversationActor:
             hub.webhooks,
         )
         self.log.on_conflict = self._conflicted
-        self.mailbox: asyncio.Queue[Input] = asyncio.Queue(MAILBOX_SIZE)
+        self.mailbox: asyncio.Queue[Input | _Idle] = asyncio.Queue(MAILBOX_SIZE)
         self.drivers: dict[str, RunDriver] = {}
         self._acks: _Lru = _Lru()
         self._ended: _Lru = _Lru()
         self.stopped = False
         self._waiting = False  # for the mailbox, between steps
+        self._steps = 0  # steps taken, for the idle watch
+        # what the conversation document says of the runner and the active run, as a key
+        self._documented: tuple[str | None, tuple[str, RunStatus, str] | None] | None = None
+        self._idle_watch: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ edges
@@ -251,30 +262,47 @@ class ConversationActor:
         )
 
     async def run(self) -> None:
+        self._watch_idle(-1)
         try:
             while self.log.conflict is None:
+                self._waiting = True
                 try:
-                    self._waiting = True
-                    async with asyncio.timeout(self.hub.settings.actor_idle_s):
-                        first = await self.mailbox.get()
-                except TimeoutError:
+                    first = await self.mailbox.get()
+                finally:
+                    self._waiting = False
+                if isinstance(first, _Idle):
                     if self._idle():
                         return
                     continue
-                finally:
-                    self._waiting = False
                 batch = [first]
                 while len(batch) < BATCH_INPUTS and not self.mailbox.empty():
-                    batch.append(self.mailbox.get_nowait())
+                    item = self.mailbox.get_nowait()
+                    if not isinstance(item, _Idle):
+                        batch.append(item)
+                self._steps += 1
                 await self._step(batch)
         finally:
             self.stopped = True
+            if self._idle_watch is not None:
+                self._idle_watch.cancel()
             self.hub.forget(self)
             for driver in self.drivers.values():
                 driver.stop()
             if self.log.conflict is not None:  # inputs no one will handle here: refused
                 while not self.mailbox.empty():
-                    _fail(self.mailbox.get_nowait(), self.log.conflict)
+                    item = self.mailbox.get_nowait()
+                    if not isinstance(item, _Idle):
+                        _fail(item, self.log.conflict)
+
+    def _watch_idle(self, steps: int) -> None:
+        """Every `actor_idle_s`: an actor that took no input since the last look and has
+        nothing left to do is woken to stop. (One timer per actor, not one per input:
+        it stops between one and two idle times after its last input.)"""
+        if self._waiting and self._steps == steps and self._idle():
+            self.mailbox.put_nowait(IDLE)  # empty, or _idle() would have said no
+        self._idle_watch = asyncio.get_running_loop().call_later(
+            self.hub.settings.actor_idle_s, self._watch_idle, self._steps
+        )
 
     async def _step(self, batch: list[Input]) -> None:
         replies: list[Reply] = []
@@ -323,23 +351,30 @@ class ConversationActor:
             self._start_driver(run_id)
 
     async def _append(self, fx: Effects, born: dict[int, float]) -> None:
-        active = self.summary()
         record, now = self.record, now_ms()
-        state = (self.machine.runner, active.model_dump() if active else None)
         # The conversation document goes with a batch that changes runs or the active run,
         # else at most once a second: a streaming run's batches are then one write of
         # events alone. Its `head` may lag the log by that second; `last_offset` does not.
-        write = bool(fx.runs) or state != (record.runner, record.active_run)
+        write = bool(fx.runs)
+        run = self.machine.active
+        key = (self.machine.runner, None if run is None else (run.run_id, run.status, run.runner))
+        if write or key != self._documented:  # else the document says it already
+            active = self.summary()
+            state = (self.machine.runner, active.model_dump() if active else None)
+            write = write or state != (record.runner, record.active_run)
+            if write:
+                record.runner, record.active_run = state
+            self._documented = key
         write = write or now - record.last_activity >= CONVERSATION_EVERY_MS
         if write:
-            record.runner, record.active_run = state
             record.last_activity = now
         await self.log.append(fx, record if write else None, born)
         docs = [run_document(run, self.hub.node) for run in fx.runs.values()]  # as stored
         self.log.then(lambda: self.hub.dashboard.appended(self.conversation_id, docs))
         metrics = self.hub.metrics
+        counts = metrics.events.counts
         for event in fx.events:
-            metrics.appended(event.type).inc()
+            counts[event.type] += 1
         for run in fx.runs.values():
             if run.status.terminal:
                 self._ended.remember(run.run_id, True)

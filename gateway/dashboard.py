@@ -221,12 +221,7 @@ class DashboardFeed:
         then, before, rate = self._rate
         now = asyncio.get_running_loop().time()
         if now - then >= RATE_S:
-            total = sum(
-                sample.value
-                for metric in self.hub.metrics.events.collect()
-                for sample in metric.samples
-                if sample.name.endswith("_total")
-            )
+            total = self.hub.metrics.events.counts.total()
             rate = 0.0 if then == 0.0 else round((total - before) / (now - then), 1)
             self._rate = (now, total, rate)
         return rate

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections import Counter as Tally
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
 
 
 class Metrics:
@@ -15,9 +16,8 @@ class Metrics:
         self.connections = Gauge(
             "steerway_connections_open", "Open WebSocket connections", ["endpoint"], registry=r
         )
-        self.events = Counter(
-            "steerway_events_appended", "Events appended to conversations", ["type"], registry=r
-        )
+        self.events = Counts("steerway_events_appended", "Events appended to conversations", "type")
+        r.register(self.events)
         self.runs = Counter(
             "steerway_runs_ended", "Runs ended, by final status", ["status"], registry=r
         )
@@ -43,20 +43,11 @@ class Metrics:
             "steerway_store_batches", "Group commits written to the store", registry=r
         )
 
-        self._appended: dict[str, Any] = {}
         self.replay_reads = Gauge(
             "steerway_replay_store_reads",
             "Store reads of WebSocket replays (one per page, shared by the clients at once)",
             registry=r,
         )
-
-    def appended(self, event_type: str) -> Any:
-        """The `events_appended` counter of one event type: `labels()` takes a lock and
-        checks its arguments, a cost per event on the hot path; the children are kept."""
-        child = self._appended.get(event_type)
-        if child is None:
-            child = self._appended[event_type] = self.events.labels(event_type)
-        return child
 
     def cluster(
         self, leases: Callable[[], int], gaps: Callable[[], int], dropped: Callable[[], int]
@@ -79,3 +70,21 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class Counts:
+    """A counter by one label kept as plain integers (`counts[label] += n`) and read when
+    scraped: prometheus-client's counters take a lock and check the labels per increment,
+    a cost per event on the hot path."""
+
+    def __init__(self, name: str, documentation: str, label: str) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.label = label
+        self.counts: Tally[str] = Tally()
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=[self.label])
+        for value, count in sorted(self.counts.items()):
+            family.add_metric([value], count)
+        yield family
