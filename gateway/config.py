@@ -114,7 +114,9 @@ class Settings(BaseModel):
     rate_abuse: int = Field(50, ge=1, description="rate_limited answers in a row before 4029")
     run_deadline_s: float = Field(300.0, gt=0)
     run_idle_s: float = Field(60.0, gt=0)
-    actor_idle_s: float = Field(30.0, gt=0, description="an idle conversation's actor stops")
+    actor_idle_s: float = Field(
+        30.0, gt=0, description="an idle conversation's actor stops after this to twice this"
+    )
     node: str = Field(
         "",
         pattern=r"^[^\s]*$",
