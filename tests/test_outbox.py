@@ -152,7 +152,8 @@ async def test_relayed_deltas_are_parsed_only_to_merge_and_merge_alike() -> None
     box = Outbox(max_frames=2)
     frames = [relayed(delta_frame(o, t)) for o, t in [(1, "a"), (2, "b"), (3, "c")]]
     box.put(frames[0])
-    assert frames[0].delta is None and frames[0].unparsed  # a client that keeps up: no parse
+    assert frames[0].delta is None
+    assert frames[0].unparsed
     box.put(frames[1])
     box.put(frames[2])  # over the bound: merge
     [merged] = await take(box, 1)
@@ -168,7 +169,8 @@ async def test_a_relayed_frame_that_is_no_valid_delta_is_never_merged() -> None:
     later = [relayed(delta_frame(o, t)) for o, t in [(3, "c"), (4, "d")]]
     for frame in (relayed(delta_frame(1, "a")), bad, *later):
         box.put(frame)  # the fourth is over the bound: merge
-    assert bad.delta is None and not bad.unparsed
+    assert bad.delta is None
+    assert not bad.unparsed
     out = await take(box, 3)
     assert [f.offset for f in out] == [1, 2, 4]  # kept as it came; only 3 and 4 merged
     assert out[1] is bad

@@ -276,3 +276,30 @@ async def test_a_malformed_message_is_skipped_and_the_stream_goes_on(
     await seen.until(1)
     assert seen.offsets == [1]
     assert other.connections == 1  # read past, not taken for a broken connection
+
+
+async def test_publishing_goes_on_with_replies_when_redis_refuses_to_turn_them_off(
+    redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = MemoryStore()
+    async with connections(redis, 3) as (admin, one, two):
+        await admin.execute_command("ACL", "SETUSER", "default", "-client|reply")
+        owner = RedisBus(one, store, "owner", lambda _: None)
+        other = RedisBus(two, store, "other", lambda _: None)
+        for bus in (owner, other):
+            bus.start()
+        try:
+            seen = Recorder()
+            await other.join("c")
+            other.subscribe("c", seen)
+            frames = [delta(i) for i in range(1, 201)]
+            await store_events(store, frames)
+            for frame in frames:  # one message each: 200 replies to read, none left over
+                owner.publish("c", [frame])
+            await seen.until(200)
+            assert seen.offsets == list(range(1, 201))
+            assert owner.dropped == 0
+            assert "refused CLIENT REPLY OFF" in caplog.text
+        finally:
+            for bus in (owner, other):
+                await bus.stop()

@@ -27,6 +27,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import ResponseError
 
 from gateway.bus import MemoryBus, Subscriber
 from gateway.errors import StoreUnavailable
@@ -407,10 +408,12 @@ class RedisBus:
     async def _send(self) -> None:
         """Publish what is queued, in order, on a connection of its own whose replies are
         off (CLIENT REPLY OFF): no reply comes back to wake this node per message, and
-        Redis writes none. A publish is at most once either way: receivers fill gaps."""
+        Redis writes none (unless Redis refuses: then the replies are read). A publish is
+        at most once either way: receivers fill gaps."""
         pool = self.redis.connection_pool
         timeout = pool.connection_kwargs.get("socket_timeout") or SEND_TIMEOUT_S
         conn: AbstractConnection | None = None
+        replies = False
         try:
             while True:
                 items = [await self._outgoing.get()]
@@ -424,9 +427,11 @@ class RedisBus:
                                 **{**pool.connection_kwargs, "socket_timeout": None}
                             )
                             await conn.connect()  # type: ignore[no-untyped-call]
-                            await conn.send_command("CLIENT", "REPLY", "OFF", check_health=False)
+                            replies = replies or not await _replies_off(conn)
                         packed = conn.pack_commands([("PUBLISH", c, d) for c, d in items])
                         await conn.send_packed_command(packed, check_health=False)
+                        for _ in items if replies else ():
+                            await conn.read_response()
                 except Exception as exc:
                     self.dropped += len(items)
                     log.debug("cluster bus: publish failed: %s", exc)
@@ -444,6 +449,23 @@ class RedisBus:
             for cid, head in recent.items():
                 header = orjson.dumps({"n": self.node, "h": head})
                 self.send(conversation_channel(cid), header)
+
+
+async def _replies_off(conn: AbstractConnection) -> bool:
+    """Turn a connection's replies off; False when Redis refuses (an ACL without
+    `client|reply`). OFF answers nothing once it works, so ON follows it, whose OK is
+    then the first answer (else OFF's error is), and OFF is sent again."""
+    both = [("CLIENT", "REPLY", "OFF"), ("CLIENT", "REPLY", "ON")]
+    await conn.send_packed_command(conn.pack_commands(both), check_health=False)
+    try:
+        await conn.read_response()
+    except ResponseError as exc:
+        with contextlib.suppress(ResponseError):
+            await conn.read_response()  # ON's answer
+        log.warning("cluster bus: Redis refused CLIENT REPLY OFF, publishing with replies: %s", exc)
+        return False
+    await conn.send_command("CLIENT", "REPLY", "OFF", check_health=False)
+    return True
 
 
 async def _disconnect(conn: AbstractConnection) -> None:
