@@ -45,7 +45,8 @@ class Metrics:
 
         self.replay_reads = Gauge(
             "steerway_replay_store_reads",
-            "Store reads of WebSocket replays (one per page, shared by the clients at once)",
+            "Store reads of WebSocket replays (queries: one per page of up to 100 "
+            "conversations, shared by the clients at once)",
             registry=r,
         )
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -192,6 +192,13 @@ class Store(Protocol):
 
     async def read_events(self, conversation_id: str, after: int, limit: int) -> list[str]:
         """Payloads of the events with offset > after, ascending, at most `limit`."""
+
+    async def read_pages(
+        self, conversation_ids: Sequence[str], after: int, limit: int
+    ) -> dict[str, list[str]]:
+        """For each conversation, exactly what `read_events(id, after, limit)` returns
+        (`[]` for one with no such events), in one query: replays of many conversations
+        at once (gateway/replay.py)."""
 
     async def find_client_message(self, conversation_id: str, client_msg_id: str) -> str | None:
         """The payload of the user.message stored under an idempotency key, if any."""

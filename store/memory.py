@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import Any
 
 from store.base import (
@@ -98,6 +99,13 @@ class MemoryStore:
         self._check()
         log = self._events.get(conversation_id, [])
         return log[max(after, 0) : max(after, 0) + limit]
+
+    async def read_pages(
+        self, conversation_ids: Sequence[str], after: int, limit: int
+    ) -> dict[str, list[str]]:
+        self._check()
+        start, end = max(after, 0), max(after, 0) + max(limit, 0)
+        return {cid: self._events.get(cid, [])[start:end] for cid in conversation_ids}
 
     async def last_offset(self, conversation_id: str) -> int:
         self._check()

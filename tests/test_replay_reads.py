@@ -5,6 +5,8 @@ once per page, not once per client, and every client still gets `(after, head]` 
 from __future__ import annotations
 
 import asyncio
+import math
+from collections.abc import Sequence
 
 import pytest
 
@@ -16,33 +18,55 @@ from tests.helpers import END, Fed, ack_of, delta, expect, run_completed
 
 
 class Pages:
-    """A store of `n` events whose reads wait for `gate` (when given) and are counted."""
+    """A store whose conversation "c" has `n` events and the others those in `logs`;
+    its queries wait for `gate` (when given) and are counted."""
 
     def __init__(self, n: int, gate: asyncio.Event | None = None) -> None:
-        self.events = [f'{{"offset":{i}}}' for i in range(1, n + 1)]
+        self.logs = {"c": offsets(1, n)}
         self.gate = gate
-        self.reads: list[tuple[int, int]] = []
+        self.reads: list[tuple[int, int]] = []  # (after, limit) of each query
+        self.queried: list[list[str]] = []  # the conversations of each query
         self.fail: Exception | None = None
+        self.failing: str | None = None  # a query of this conversation fails
+        self.started = asyncio.Event()  # a query was made
+        self.querying = 0
+        self.most = 0  # queries in flight at once, at most
 
-    async def read_events(self, conversation_id: str, after: int, limit: int) -> list[str]:
+    async def read_pages(
+        self, conversation_ids: Sequence[str], after: int, limit: int
+    ) -> dict[str, list[str]]:
         self.reads.append((after, limit))
-        if self.gate is not None:
-            await self.gate.wait()
-        if self.fail is not None:
-            raise self.fail
-        return self.events[after : after + limit]
+        self.queried.append(list(conversation_ids))
+        self.started.set()
+        self.querying += 1
+        self.most = max(self.most, self.querying)
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+            if self.fail is not None:
+                raise self.fail
+            if self.failing in conversation_ids:
+                raise OSError(f"store down for {self.failing}")
+            return {cid: self.logs.get(cid, [])[after : after + limit] for cid in conversation_ids}
+        finally:
+            self.querying -= 1
 
 
-async def collect(reader: ReplayReader, after: int, head: int) -> list[str]:
+async def collect(reader: ReplayReader, after: int, head: int, cid: str = "c") -> list[str]:
     return [
         text
-        async for page, start, end in reader.pages("c", after, head)
+        async for page, start, end in reader.pages(cid, after, head)
         for text in page.texts[start:end]
     ]
 
 
 def offsets(n: int, m: int) -> list[str]:
     return [f'{{"offset":{i}}}' for i in range(n, m + 1)]
+
+
+def texts(cid: str, n: int) -> list[str]:
+    """The `n` events of another conversation than "c"."""
+    return [f'{{"c":"{cid}","offset":{i}}}' for i in range(1, n + 1)]
 
 
 async def test_clients_catching_up_at_once_share_one_read_per_page() -> None:
@@ -64,7 +88,7 @@ async def test_a_page_read_before_the_newest_events_is_read_again_when_too_short
     store = Pages(30)
     reader = ReplayReader(store, page=50)  # type: ignore[arg-type]
     assert await collect(reader, 0, 30) == offsets(1, 30)
-    store.events += offsets(31, 45)  # events stored after the page was read
+    store.logs["c"] += offsets(31, 45)  # events stored after the page was read
     assert await collect(reader, 20, 30) == offsets(21, 30)  # the cached page has these
     assert len(store.reads) == 1
     assert await collect(reader, 20, 45) == offsets(21, 45)  # it does not have these
@@ -80,7 +104,7 @@ async def test_a_replay_stops_where_the_store_ends() -> None:
 
 async def test_the_cache_is_bounded_in_bytes() -> None:
     store = Pages(100)
-    bound = 2 * sum(map(len, store.events[70:100]))  # the last three pages, text and frames
+    bound = 2 * sum(map(len, store.logs["c"][70:100]))  # the last three pages, text and frames
     reader = ReplayReader(store, page=10, cache_bytes=bound)  # type: ignore[arg-type]
     assert await collect(reader, 0, 100) == offsets(1, 100)
     assert len(reader._cache) == 3
@@ -157,14 +181,106 @@ async def test_a_failed_read_fails_every_waiting_client_and_is_not_kept() -> Non
     assert len(store.reads) == 2
 
 
+async def test_many_conversations_catching_up_at_once_cost_a_query_per_hundred() -> None:
+    """The clients of 250 conversations catch up at once (a deploy): their pages are read
+    100 conversations to a store query, not one query each, and every client still gets
+    exactly `(after, head]`."""
+    store = Pages(0)
+    heads = {f"c{i}": 10 + i * 37 % 80 for i in range(250)}  # 10 to 89 events: 1 or 2 pages
+    for cid, head in heads.items():
+        store.logs[cid] = texts(cid, head)
+    reader = ReplayReader(store, page=50)  # type: ignore[arg-type]
+    asks = [(cid, after, head) for cid, head in heads.items() for after in (0, head // 2, head - 1)]
+    replays = [asyncio.create_task(collect(reader, a, h, cid)) for cid, a, h in asks]
+    results = await asyncio.wait_for(asyncio.gather(*replays), 5)
+    for (cid, after, head), got in zip(asks, results, strict=True):
+        assert got == store.logs[cid][after:head]
+    longer = [cid for cid, head in heads.items() if head > 50]
+    assert 0 < len(longer) < 250
+    assert len(store.queried) == math.ceil(250 / 100) + math.ceil(len(longer) / 100)
+    assert reader.reads == len(store.queried)
+    assert max(map(len, store.queried)) == 100
+    read = sorted(
+        (after, cid)
+        for (after, _), ids in zip(store.reads, store.queried, strict=True)
+        for cid in ids
+    )
+    assert read == sorted([(0, cid) for cid in heads] + [(50, cid) for cid in longer])  # once each
+    assert store.most == 1  # one query at a time
+
+
+async def test_pages_asked_while_a_query_is_in_flight_are_read_together_next() -> None:
+    gate = asyncio.Event()
+    store = Pages(20, gate)
+    others = [f"c{i}" for i in range(250)]
+    for cid in others:
+        store.logs[cid] = texts(cid, 20)
+    reader = ReplayReader(store, page=50)  # type: ignore[arg-type]
+    first = asyncio.create_task(collect(reader, 0, 20))  # an idle store: read at once
+    await asyncio.wait_for(store.started.wait(), 5)
+    replays = [asyncio.create_task(collect(reader, 5, 20))]  # "c": the query in flight has it
+    replays += [asyncio.create_task(collect(reader, 3, 20, cid)) for cid in others]
+    gate.set()
+    assert await asyncio.wait_for(first, 5) == offsets(1, 20)
+    results = await asyncio.wait_for(asyncio.gather(*replays), 5)
+    assert results == [offsets(6, 20)] + [texts(cid, 20)[3:] for cid in others]
+    assert store.queried == [["c"], others[:100], others[100:200], others[200:]]
+    assert reader.reads == 4
+    assert store.most == 1
+
+
+async def test_a_failed_query_fails_only_its_pages_and_they_are_read_again() -> None:
+    store = Pages(0)
+    cids = [f"c{i}" for i in range(150)]
+    for cid in cids:
+        store.logs[cid] = texts(cid, 20)
+    store.failing = "c120"  # in the second query, of c100 to c149
+    reader = ReplayReader(store, page=50)  # type: ignore[arg-type]
+    asks = [(cid, after) for cid in cids for after in (0, 7)]
+    replays = [asyncio.create_task(collect(reader, a, 20, cid)) for cid, a in asks]
+    outcomes = await asyncio.wait_for(asyncio.gather(*replays, return_exceptions=True), 5)
+    for (cid, after), outcome in zip(asks, outcomes, strict=True):
+        if cid in cids[:100]:
+            assert outcome == texts(cid, 20)[after:]
+        else:
+            assert isinstance(outcome, OSError)
+    assert store.queried == [cids[:100], cids[100:]]
+    assert not reader._inflight  # nothing left behind
+    assert not reader._asked
+    store.failing = None
+    again = [collect(reader, 0, 20, cid) for cid in cids[90:]]
+    assert await asyncio.wait_for(asyncio.gather(*again), 5) == [texts(c, 20) for c in cids[90:]]
+    assert store.queried[2:] == [cids[100:]]  # the failed pages only: the others were kept
+
+
+async def test_a_client_that_goes_away_does_not_cancel_a_query_of_many_conversations() -> None:
+    gate = asyncio.Event()
+    store = Pages(20, gate)
+    store.logs["b"] = texts("b", 20)
+    reader = ReplayReader(store, page=50)  # type: ignore[arg-type]
+    leaving = asyncio.create_task(collect(reader, 0, 20))  # its ask starts the query
+    staying = asyncio.create_task(collect(reader, 4, 20))
+    other = asyncio.create_task(collect(reader, 0, 20, "b"))
+    await asyncio.wait_for(store.started.wait(), 5)
+    leaving.cancel()
+    gate.set()
+    assert await asyncio.wait_for(staying, 5) == offsets(5, 20)
+    assert await asyncio.wait_for(other, 5) == texts("b", 20)
+    assert store.queried == [["c", "b"]]
+    with pytest.raises(asyncio.CancelledError):
+        await leaving
+
+
 class CountingStore(MemoryStore):
     def __init__(self) -> None:
         super().__init__()
         self.reads = 0
 
-    async def read_events(self, conversation_id: str, after: int, limit: int) -> list[str]:
+    async def read_pages(
+        self, conversation_ids: Sequence[str], after: int, limit: int
+    ) -> dict[str, list[str]]:
         self.reads += 1
-        return await super().read_events(conversation_id, after, limit)
+        return await super().read_pages(conversation_ids, after, limit)
 
 
 async def test_a_reconnect_storm_reads_each_page_once_and_every_client_gets_every_offset_once() -> (

@@ -420,6 +420,32 @@ async def test_packed_events_read_back_at_every_cursor(store: Store) -> None:
             assert await store.read_events("c1", after, limit) == want, (after, limit)
 
 
+async def test_pages_of_many_conversations_in_one_read(store: Store) -> None:
+    """`read_pages` gives each conversation what `read_events` gives it: packed documents
+    cut at `after` and at `limit`, conversations of every length, none for one unknown."""
+    logs = {
+        "a": [event("a", 1, key="k1"), *(event("a", n, run="run_1") for n in range(2, 602))],
+        "b": [event("b", n, key=f"k{n}") for n in range(1, 6)],
+        "c": [event("c", n, run="run_2") for n in range(1, 300)],
+    }
+    # written interleaved: a conversation's documents are not stored together
+    await store.write(WriteBatch(events=logs["a"][:300] + logs["b"][:2]))
+    await store.write(WriteBatch(events=logs["c"][:150] + logs["b"][2:]))
+    await store.write(WriteBatch(events=logs["a"][300:] + logs["c"][150:]))
+    # a: 1, 256, 43, 256, 45 events; b: 1 each (keys); c: 150, 149
+    assert await count(store, "events") in (None, 12)
+    ids = ["c", "nobody", "a", "b", "a"]  # a duplicate is read once
+    for after in (-3, 0, 1, 2, 5, 200, 256, 257, 258, 299, 300, 513, 600, 601, 700):
+        for limit in (1, 7, 256, 500):
+            want = {
+                cid: payloads(logs.get(cid, [])[max(after, 0) : max(after, 0) + limit])
+                for cid in ids
+            }
+            assert await store.read_pages(ids, after, limit) == want, (after, limit)
+    assert await store.read_pages(ids, 0, 0) == {cid: [] for cid in ids}
+    assert await store.read_pages([], 0, 10) == {}
+
+
 @pytest.mark.parametrize("sizes", [[1, 1, 1, 1, 1], [3, 9], [4, 4, 4, 3], [20]])
 async def test_a_retry_packed_otherwise_stores_each_event_once(
     store: Store, sizes: list[int]
@@ -833,6 +859,7 @@ async def test_store_error_when_the_server_is_gone(kind: str, tmp_path: Path) ->
         lambda s: s.ping(),
         lambda s: s.write(batch),
         lambda s: s.read_events("c1", 0, 10),
+        lambda s: s.read_pages(["c1", "c2"], 0, 10),
         lambda s: s.last_offset("c1"),
         lambda s: s.find_client_message("c1", "k1"),
         lambda s: s.get_conversation("c1"),
