@@ -101,6 +101,7 @@ class Shutdown:
 
 
 Input = Submit | Cancel | Recover | Shutdown | DriverInput
+Reply = tuple[Input, Callable[[], None]]  # an input and what answers it once its batch is stored
 
 
 class _Idle:
@@ -108,7 +109,6 @@ class _Idle:
 
 
 IDLE = _Idle()
-Reply = tuple[Input, Callable[[], None]]  # an input and what answers it once its batch is stored
 
 
 class ConversationRef(Protocol):
